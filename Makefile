@@ -1,0 +1,38 @@
+# The two commands of the README. Both create the environment (.venv, Python 3.12) when it is missing.
+PYTHON ?= python3.12
+VENV := .venv
+PY := $(VENV)/bin/python
+UV_VERSION := 0.13.9
+
+.PHONY: demo test lint bench env lock clean-env
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/ggnd demo
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check ggnd_plugin tests benchmarks examples
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check ggnd_plugin tests benchmarks examples
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/block_scaling.py
+
+env: $(VENV)/.installed
+
+# One environment with all three hosts: pinned by requirements.lock, installed without re-resolving.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	$(PY) -m uv pip install --python $(PY) --no-deps -r requirements.lock
+	$(PY) -m uv pip install --python $(PY) --no-deps -e .
+	touch $@
+
+# Regenerate the lock after changing dependencies (see overrides.txt for why the override exists).
+lock:
+	$(PYTHON) -m uv pip compile pyproject.toml --all-extras --override overrides.txt \
+	  --python-version 3.12 --no-emit-index-url --no-annotate --no-header -o requirements.lock
+
+clean-env:
+	rm -rf $(VENV)
