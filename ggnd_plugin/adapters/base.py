@@ -1,0 +1,226 @@
+"""The adapter contract: what ggnd-plugin needs to know about a host package.
+
+An adapter connects one host (MACE, NequIP, SchNetPack, or a third package) to the GGND block and to
+the tooling (upgrade, fine-tuning, evaluation, MD). It is a class registered in the entry-point group
+``ggnd_plugin.adapters``::
+
+    [project.entry-points."ggnd_plugin.adapters"]
+    myhost = "myhost_ggnd.adapter:MyHostAdapter"
+
+Adapters import their host lazily (inside methods), so listing adapters never imports a host.
+:func:`validate_adapter` checks an adapter against this contract on a real model; a third-party adapter
+calls it in its own tests, as TorchSim's ``validate_model_outputs`` does for models.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from ggnd_plugin.block import FeatureSpec, GGNDConfig
+from ggnd_plugin.errors import GGNDError
+
+if TYPE_CHECKING:
+    from ase import Atoms
+    from ase.calculators.calculator import Calculator
+
+
+@dataclass
+class Prediction:
+    """Energies (n_systems,) in eV and forces (n_atoms, 3) in eV/Å for a list of structures."""
+
+    energy: Tensor
+    forces: Tensor
+
+
+class HostAdapter(ABC):
+    """One host package, seen from ggnd-plugin.
+
+    Class attributes:
+        name: short name used on the command line (``--host NAME``) and in the entry point.
+        distribution: the host's PyPI distribution, for version reporting (``mace-torch``).
+        module: the host's import name (``mace``).
+        file_suffixes: model file suffixes this host writes (used by auto-detection).
+    """
+
+    name: str = ""
+    distribution: str = ""
+    module: str = ""
+    file_suffixes: tuple[str, ...] = ()
+
+    # ---- availability -------------------------------------------------------------------------------
+    def version(self) -> str | None:
+        try:
+            return importlib.metadata.version(self.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def availability(self) -> tuple[bool, str]:
+        """(usable, reason). Must not import the host (a spec lookup is enough)."""
+        if importlib.util.find_spec(self.module) is None:
+            return False, f"{self.distribution} is not installed (pip install 'ggnd-plugin[{self.name}]')"
+        return True, "ok"
+
+    def require(self) -> None:
+        usable, reason = self.availability()
+        if not usable:
+            raise GGNDError(f"host '{self.name}' is not usable: {reason}")
+
+    # ---- recognising models -------------------------------------------------------------------------
+    @abstractmethod
+    def recognises_model(self, model: Any) -> bool:
+        """True for this host's model objects (plain or with GGND attached)."""
+
+    def recognises_file(self, path: Path) -> bool:
+        """True for this host's model files. The default looks at the suffix only."""
+        return Path(path).suffix in self.file_suffixes
+
+    # ---- model lifecycle ----------------------------------------------------------------------------
+    @abstractmethod
+    def load(self, path: Path, device: str = "cpu") -> nn.Module:
+        """Load a model file written by the host or by :meth:`save` (GGND attached or not)."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, path: Path) -> Path:
+        """Write a file that the host's own tools (and :meth:`load`) can load."""
+
+    @abstractmethod
+    def feature_spec(self, model: nn.Module) -> FeatureSpec:
+        """The host node features the GGND block reads, with their irreps."""
+
+    @abstractmethod
+    def attach(self, model: nn.Module, config: GGNDConfig) -> nn.Module:
+        """Return the model with a GGND block whose fusion readout starts at zero.
+
+        The result predicts exactly what ``model`` predicted until it is trained.
+        """
+
+    @abstractmethod
+    def ggnd_blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The GGND blocks inside ``model`` (empty for a plain host model)."""
+
+    def ggnd_parameters(self, model: nn.Module) -> Iterator[nn.Parameter]:
+        for block in self.ggnd_blocks(model):
+            yield from block.parameters()
+
+    # ---- what the model knows -----------------------------------------------------------------------
+    @abstractmethod
+    def atomic_numbers(self, model: nn.Module) -> list[int]:
+        """Elements the model was built for."""
+
+    @abstractmethod
+    def cutoff(self, model: nn.Module) -> float:
+        """The host's local cutoff radius (Å)."""
+
+    def atomic_energies(self, model: nn.Module) -> dict[int, float] | None:
+        """Isolated-atom energies (E0s) by atomic number, where the host keeps them."""
+        return None
+
+    # ---- predictions --------------------------------------------------------------------------------
+    @abstractmethod
+    def predict(self, model: nn.Module, structures: Sequence[Atoms], training: bool = False) -> Prediction:
+        """Energies and forces for a batch of structures.
+
+        With ``training=True`` the result stays differentiable with respect to the parameters
+        (forces built with ``create_graph``), so a loss on both can be minimised.
+        """
+
+    @abstractmethod
+    def ase_calculator(self, model: nn.Module, device: str = "cpu") -> Calculator:
+        """An ASE calculator that uses ``model`` (preferably the host's own calculator class)."""
+
+    @abstractmethod
+    def torchsim_model(self, model: nn.Module, device: str = "cpu", dtype: torch.dtype = torch.float64):
+        """A ``torch_sim.models.interface.ModelInterface`` that uses ``model``."""
+
+    # ---- input checks shared by all hosts -----------------------------------------------------------
+    def check_structures(self, model: nn.Module, structures: Sequence[Atoms], source: str = "input") -> None:
+        """Refuse structures the model cannot describe, naming the frame and the problem."""
+        from ggnd_plugin.data import check_elements
+
+        for index, atoms in enumerate(structures):
+            if len(atoms) == 0:
+                raise GGNDError(f"{source}: frame {index} has no atoms")
+            if not torch.isfinite(torch.as_tensor(atoms.get_positions())).all():
+                raise GGNDError(f"{source}: frame {index} has non-finite positions")
+        check_elements(structures, self.atomic_numbers(model), source, f"{self.name} model")
+
+    def describe(self) -> dict[str, Any]:
+        usable, reason = self.availability()
+        return {
+            "name": self.name,
+            "host": self.distribution,
+            "version": self.version(),
+            "usable": usable,
+            "reason": reason,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Contract validation, for our adapters and third-party ones
+# --------------------------------------------------------------------------------------------------
+def validate_adapter(
+    adapter: HostAdapter,
+    model: nn.Module,
+    structures: Sequence[Atoms],
+    tmp_path: Path,
+    config: GGNDConfig | None = None,
+    atol: float = 1e-6,
+) -> nn.Module:
+    """Check that ``adapter`` honours the contract on ``model``; return the upgraded model.
+
+    Checks, each with a message naming what failed:
+    recognition of the model and of its saved file; the feature spec; attaching GGND changes no
+    prediction; the upgraded model is recognised, has GGND parameters, and survives save/load with
+    identical predictions; the ASE calculator agrees with :meth:`HostAdapter.predict`.
+    """
+    config = config or GGNDConfig(channels=8, heads=2)
+    assert adapter.recognises_model(model), f"{adapter.name}: does not recognise its own model"
+    spec = adapter.feature_spec(model)
+    assert isinstance(spec, FeatureSpec), f"{adapter.name}: feature_spec must return a FeatureSpec"
+    assert not adapter.ggnd_blocks(model), f"{adapter.name}: plain model reports GGND blocks"
+
+    before = adapter.predict(model, structures)
+    upgraded = adapter.attach(model, config)
+    after = adapter.predict(upgraded, structures)
+    assert adapter.recognises_model(upgraded), f"{adapter.name}: does not recognise the upgraded model"
+    assert adapter.ggnd_blocks(upgraded), f"{adapter.name}: attach() added no GGND block"
+    assert any(True for _ in adapter.ggnd_parameters(upgraded)), f"{adapter.name}: GGND has no parameters"
+    _assert_close(before, after, atol, f"{adapter.name}: attach() at zero init changed predictions")
+
+    path = adapter.save(
+        upgraded, tmp_path / f"upgraded{adapter.file_suffixes[0] if adapter.file_suffixes else ''}"
+    )
+    assert adapter.recognises_file(path), f"{adapter.name}: does not recognise its own saved file {path}"
+    reloaded = adapter.load(path)
+    _assert_close(
+        after, adapter.predict(reloaded, structures), atol, f"{adapter.name}: save/load changed predictions"
+    )
+
+    calculator = adapter.ase_calculator(upgraded)
+    for index, atoms in enumerate(structures):
+        atoms = atoms.copy()
+        atoms.calc = calculator
+        energy = atoms.get_potential_energy()
+        forces = torch.as_tensor(atoms.get_forces())
+        assert abs(energy - after.energy[index].item()) < max(atol, 1e-9 * abs(energy)), (
+            f"{adapter.name}: ASE energy differs from predict() on frame {index}"
+        )
+        start = sum(len(a) for a in structures[:index])
+        ref = after.forces[start : start + len(atoms)].detach().cpu().to(forces.dtype)
+        assert (forces - ref).abs().max() < atol, f"{adapter.name}: ASE forces differ on frame {index}"
+    return upgraded
+
+
+def _assert_close(a: Prediction, b: Prediction, atol: float, message: str) -> None:
+    de = (a.energy.detach() - b.energy.detach()).abs().max().item()
+    df = (a.forces.detach() - b.forces.detach()).abs().max().item()
+    assert de <= atol and df <= atol, f"{message} (max |dE| = {de:.3g} eV, max |dF| = {df:.3g} eV/Å)"

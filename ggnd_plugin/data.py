@@ -1,0 +1,107 @@
+"""Labelled structures from extxyz files (ASE), checked before any model sees them.
+
+Every problem is reported as a :class:`GGNDError` naming the file, the frame and what is wrong, so a
+user never meets a traceback from inside torch for a bad data file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ggnd_plugin.errors import GGNDError
+
+ENERGY_KEYS = ("energy", "REF_energy", "DFT_energy", "free_energy")
+FORCES_KEYS = ("forces", "REF_forces", "DFT_forces")
+
+
+def _find(mapping, candidates: Sequence[str]) -> str | None:
+    for key in candidates:
+        if key in mapping:
+            return key
+    return None
+
+
+def read_structures(path: str | Path, index: str = ":") -> list:
+    """All frames of an ASE-readable file, with a clear error when it cannot be read."""
+    from ase.io import read
+
+    path = Path(path)
+    if not path.exists():
+        raise GGNDError(f"{path}: no such file")
+    try:
+        frames = read(path, index=index)
+    except Exception as error:  # ASE raises many types for malformed files
+        raise GGNDError(
+            f"{path}: cannot be read as a structure file ({type(error).__name__}: {error})"
+        ) from error
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise GGNDError(f"{path}: holds no frames")
+    for number, atoms in enumerate(frames):
+        if len(atoms) == 0:
+            raise GGNDError(f"{path}: frame {number} has no atoms")
+        if not np.isfinite(atoms.get_positions()).all():
+            raise GGNDError(f"{path}: frame {number} has non-finite positions")
+    return frames
+
+
+def labels_of(atoms, path: str | Path = "input", frame: int = 0, need_forces: bool = True):
+    """(energy, forces) of one frame, from its info/arrays or its single-point calculator."""
+    energy_key = _find(atoms.info, ENERGY_KEYS)
+    forces_key = _find(atoms.arrays, FORCES_KEYS)
+    energy = atoms.info[energy_key] if energy_key else None
+    forces = atoms.arrays[forces_key] if forces_key else None
+    calc = atoms.calc
+    if calc is not None and getattr(calc, "results", None):
+        energy = calc.results.get("energy", energy) if energy is None else energy
+        forces = calc.results.get("forces", forces) if forces is None else forces
+    if energy is None:
+        raise GGNDError(f"{path}: frame {frame} has no energy (looked for keys {', '.join(ENERGY_KEYS)})")
+    if need_forces and forces is None:
+        raise GGNDError(f"{path}: frame {frame} has no forces (looked for arrays {', '.join(FORCES_KEYS)})")
+    energy = float(energy)
+    if not np.isfinite(energy):
+        raise GGNDError(f"{path}: frame {frame} has a non-finite energy")
+    if forces is not None:
+        forces = np.asarray(forces, dtype=float)
+        if forces.shape != (len(atoms), 3):
+            raise GGNDError(
+                f"{path}: frame {frame} forces have shape {forces.shape}, expected ({len(atoms)}, 3)"
+            )
+        if not np.isfinite(forces).all():
+            raise GGNDError(f"{path}: frame {frame} has non-finite forces")
+    return energy, forces
+
+
+def read_labelled(path: str | Path, index: str = ":", need_forces: bool = True) -> list:
+    """Frames with reference labels stored as ``info['energy']`` and ``arrays['forces']``.
+
+    Labels found under other common keys (``REF_energy``, ``DFT_forces``, a single-point calculator)
+    are copied to those two keys, so downstream code reads one convention.
+    """
+    frames = read_structures(path, index)
+    for number, atoms in enumerate(frames):
+        energy, forces = labels_of(atoms, path, number, need_forces)
+        atoms.calc = None
+        atoms.info["energy"] = energy
+        if forces is not None:
+            atoms.arrays["forces"] = forces
+    return frames
+
+
+def check_elements(frames: Sequence, known: Sequence[int], source: str, model_name: str = "model") -> None:
+    """Refuse frames with elements the model does not know, naming the first such frame."""
+    from ase.data import chemical_symbols
+
+    known_set = set(int(z) for z in known)
+    for number, atoms in enumerate(frames):
+        unknown = sorted(set(atoms.get_atomic_numbers().tolist()) - known_set)
+        if unknown:
+            raise GGNDError(
+                f"{source}: frame {number} contains {', '.join(chemical_symbols[z] for z in unknown)}, "
+                f"which the {model_name} does not know (it knows "
+                f"{', '.join(chemical_symbols[z] for z in sorted(known_set))})"
+            )
