@@ -1,0 +1,1 @@
+"""Hydra search-path plugin that exposes ggnd-plugin's SchNetPack config groups to ``spktrain``."""
