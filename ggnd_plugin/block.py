@@ -149,6 +149,23 @@ class GGNDConfig:
         return asdict(self)
 
     @classmethod
+    def from_file(cls, path) -> GGNDConfig:
+        """Read options from a YAML (or JSON) file: a mapping of option names to values."""
+        import yaml
+
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, Mapping):
+            raise ValueError(
+                f"{path}: a GGND config file must hold a mapping of options, got {type(values).__name__}"
+            )
+        values = values.get("ggnd", values)
+        try:
+            return cls.from_dict(values)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
+
+    @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> GGNDConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)

@@ -1,0 +1,182 @@
+"""``ggnd upgrade``, ``ggnd finetune`` and ``ggnd evaluate``: the same three verbs for every host."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ggnd_plugin.errors import GGNDError
+
+HOST_HELP = "host package of MODEL: auto (detect from the file) or an adapter name (see `ggnd adapters`)"
+
+
+def register(subparsers) -> None:
+    upgrade = subparsers.add_parser(
+        "upgrade",
+        help="attach a GGND block to a fitted model (predictions unchanged until trained)",
+        description="Load a fitted model, attach a GGND block whose fusion readout starts at zero, and "
+        "save it in the host's own format.",
+    )
+    upgrade.add_argument("model", type=Path, help="fitted model file")
+    upgrade.add_argument("-o", "--output", type=Path, required=True, help="where to write the upgraded model")
+    upgrade.add_argument("--host", default="auto", help=HOST_HELP)
+    upgrade.add_argument("--config", type=Path, help="YAML file of GGND options (see docs/block.md)")
+    upgrade.add_argument("--seed", type=int, default=0, help="seed for the block's initial weights")
+    upgrade.set_defaults(handler=run_upgrade)
+
+    finetune = subparsers.add_parser(
+        "finetune",
+        help="train a model (with GGND) on energies and forces",
+        description="Energy + force loss, the model's own E0s, a checkpoint every epoch (--resume continues). "
+        "A model without GGND gets a block attached first (options from --config).",
+    )
+    finetune.add_argument("model", type=Path)
+    finetune.add_argument("--train", type=Path, required=True, help="extxyz with energy and forces")
+    finetune.add_argument("--valid", type=Path, help="extxyz for validation (best model is kept)")
+    finetune.add_argument("-o", "--output", type=Path, required=True)
+    finetune.add_argument("--host", default="auto", help=HOST_HELP)
+    finetune.add_argument("--config", type=Path, help="GGND options, used when MODEL has no GGND block yet")
+    finetune.add_argument("--epochs", type=int, default=10)
+    finetune.add_argument("--lr", type=float, default=1e-3)
+    finetune.add_argument("--batch-size", type=int, default=4)
+    finetune.add_argument("--energy-weight", type=float, default=1.0)
+    finetune.add_argument("--forces-weight", type=float, default=10.0)
+    finetune.add_argument("--freeze-host", action="store_true", help="train only the GGND block")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--resume", action="store_true", help="continue from OUTPUT.checkpoint.pt")
+    finetune.set_defaults(handler=run_finetune)
+
+    evaluate = subparsers.add_parser("evaluate", help="energy and force errors of a model on labelled data")
+    evaluate.add_argument("model", type=Path)
+    evaluate.add_argument("--data", type=Path, required=True, help="extxyz with energy and forces")
+    evaluate.add_argument("--host", default="auto", help=HOST_HELP)
+    evaluate.add_argument("--json", type=Path, help="also write the metrics here")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.set_defaults(handler=run_evaluate)
+
+
+def _load(args):
+    from ggnd_plugin.registry import resolve
+
+    adapter = resolve(args.host, args.model)
+    if not args.model.exists():
+        raise GGNDError(f"{args.model}: no such file")
+    try:
+        model = adapter.load(args.model)
+    except GGNDError:
+        raise
+    except Exception as error:
+        raise GGNDError(
+            f"{args.model}: cannot be loaded as a {adapter.name} model ({type(error).__name__}: {error})"
+        ) from error
+    return adapter, model
+
+
+def _config(path: Path | None):
+    from ggnd_plugin.block import GGNDConfig
+
+    if path is None:
+        return GGNDConfig()
+    if not path.exists():
+        raise GGNDError(f"{path}: no such file")
+    try:
+        return GGNDConfig.from_file(path)
+    except ValueError as error:
+        raise GGNDError(str(error)) from error
+
+
+def _count(parameters) -> int:
+    return sum(p.numel() for p in parameters)
+
+
+def run_upgrade(args) -> int:
+    import torch
+
+    adapter, model = _load(args)
+    if adapter.ggnd_blocks(model):
+        raise GGNDError(f"{args.model}: already has a GGND block; use `ggnd finetune` to train it")
+    config = _config(args.config)
+    torch.manual_seed(args.seed)
+    upgraded = adapter.attach(model, config)
+    path = adapter.save(upgraded, args.output)
+    ggnd = _count(adapter.ggnd_parameters(upgraded))
+    print(
+        f"upgraded {args.model} ({adapter.name}, {_count(model.parameters()):,} parameters) with a GGND block "
+        f"({ggnd:,} parameters, fusion readout at zero: predictions unchanged) -> {path}"
+    )
+    return 0
+
+
+def _labelled(path: Path, adapter, model):
+    from ggnd_plugin.data import read_labelled
+
+    frames = read_labelled(path)
+    adapter.check_structures(model, frames, str(path))
+    return frames
+
+
+def run_finetune(args) -> int:
+    import torch
+
+    from ggnd_plugin.training import FinetuneSettings, finetune
+
+    adapter, model = _load(args)
+    train = _labelled(args.train, adapter, model)
+    valid = _labelled(args.valid, adapter, model) if args.valid else None
+    if not adapter.ggnd_blocks(model):
+        print(f"{args.model} has no GGND block: attaching one (fusion readout at zero) before training")
+        torch.manual_seed(args.seed)  # the block's initial weights are part of the run's result
+        model = adapter.attach(model, _config(args.config))
+    settings = FinetuneSettings(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        energy_weight=args.energy_weight,
+        forces_weight=args.forces_weight,
+        freeze_host=args.freeze_host,
+        seed=args.seed,
+    )
+    result = finetune(adapter, model, train, valid, args.output, settings, resume=args.resume)
+    last = result.history[-1] if result.history else None
+    print(
+        f"trained {result.trained_parameters:,} parameters ({result.frozen_parameters:,} frozen) on "
+        f"{len(train)} frames for {settings.epochs} epochs -> {args.output}"
+    )
+    if last is not None:
+        print(
+            f"last epoch: train loss {last.train_loss:.4g}"
+            + (f", valid loss {last.valid_loss:.4g}" if last.valid_loss is not None else "")
+        )
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ggnd_plugin.training import evaluate
+
+    adapter, model = _load(args)
+    frames = _labelled(args.data, adapter, model)
+    model.eval()
+    metrics = evaluate(adapter, model, frames, args.batch_size)
+    table = Table(title=f"{args.model.name} on {args.data.name} ({metrics['n_frames']} frames)")
+    table.add_column("quantity")
+    table.add_column("MAE", justify="right")
+    table.add_column("RMSE", justify="right")
+    table.add_row("energy (meV)", f"{metrics['energy_mae'] * 1e3:.2f}", f"{metrics['energy_rmse'] * 1e3:.2f}")
+    table.add_row(
+        "energy per atom (meV/atom)",
+        f"{metrics['energy_per_atom_mae'] * 1e3:.3f}",
+        f"{metrics['energy_per_atom_rmse'] * 1e3:.3f}",
+    )
+    table.add_row(
+        "forces (meV/Å)", f"{metrics['forces_mae'] * 1e3:.2f}", f"{metrics['forces_rmse'] * 1e3:.2f}"
+    )
+    Console().print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"model": str(args.model), "data": str(args.data), **metrics}, indent=2)
+        )
+    return 0
