@@ -282,7 +282,7 @@ class PairTable:
 
 def _tracing() -> bool:
     """True under torch.compile/export or TorchScript tracing, where value checks must not run."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def _check_batch(positions: Tensor, batch: Tensor) -> None:
@@ -416,6 +416,7 @@ def pair_geometry(
     pairs: PairTable,
     cell_per_atom: Tensor | None,
     radial: RadialBasis,
+    harmonics: o3.SphericalHarmonics,
     lmax: int,
 ) -> PairGeometry:
     vectors = positions[pairs.senders] - positions[rows][:, None, :]
@@ -425,9 +426,7 @@ def pair_geometry(
     # x / sqrt(r^2 + eps^2) is a unit vector away from r = 0 and smooth at r = 0, where the
     # harmonics of degree >= 1 (homogeneous polynomials) vanish.
     directions = vectors / r[..., None]
-    sh_all = o3.spherical_harmonics(
-        list(range(lmax + 1)), directions, normalize=False, normalization="component"
-    )
+    sh_all = harmonics(directions)
     sh = [sh_all[..., l * l : (l + 1) * (l + 1)] for l in range(lmax + 1)]
     weight = radial.envelope(r) * pairs.mask.to(r.dtype)
     return PairGeometry(rbf=radial(r), weight=weight, sh=sh)
@@ -498,7 +497,10 @@ class TensorFilter(nn.Module):
         out = [torch.zeros_like(g) for g in gradient]
         for index, (l_in, l_f, l_out) in enumerate(self.paths):
             cg = getattr(self, f"cg_{index}")
-            product = torch.einsum("abk,nmca,nmb->nmck", cg, gradient[l_in], sh[l_f])
+            # Two contractions rather than one three-operand einsum: opt_einsum's path search would fix
+            # the tensor sizes at export time.
+            coupling = torch.einsum("abk,nmb->nmak", cg, sh[l_f])
+            product = torch.einsum("nmak,nmca->nmck", coupling, gradient[l_in])
             out[l_out] = out[l_out] + w[..., index, :, None] * product
         return out
 
@@ -531,6 +533,10 @@ class GGNDBlock(nn.Module):
         self.irreps_host = spec.irreps
         self.radial = RadialBasis(
             config.num_radial, config.radial_range, config.pair_radius, config.envelope_exponent
+        )
+        # A module built once (not o3.spherical_harmonics per call), so export sees no new constants.
+        self.harmonics = o3.SphericalHarmonics(
+            list(range(lmax + 1)), normalize=False, normalization="component"
         )
         num_invariants = c * (lmax + 1)
         hidden = max(16, c)
@@ -655,7 +661,7 @@ class GGNDBlock(nn.Module):
         self, rows: slice, positions: Tensor, pairs: PairTable, cell_per_atom: Tensor | None, embedded: Tensor
     ) -> Tensor:
         c, lmax = self.config.channels, self.config.lmax
-        geo = pair_geometry(positions, rows, pairs, cell_per_atom, self.radial, lmax)
+        geo = pair_geometry(positions, rows, pairs, cell_per_atom, self.radial, self.harmonics, lmax)
         radial = self.embedding_radial(geo.rbf).unflatten(-1, (lmax + 1, c))
         partner = embedded[pairs.senders] * geo.weight[..., None]  # (rows, M, C)
         scale = self.config.pair_normalization**-0.5
@@ -692,7 +698,7 @@ class GGNDBlock(nn.Module):
         term_out: Tensor | None,
     ) -> Tensor:
         c, lmax = self.config.channels, self.config.lmax
-        geo = pair_geometry(positions, rows, pairs, cell_per_atom, self.radial, lmax)
+        geo = pair_geometry(positions, rows, pairs, cell_per_atom, self.radial, self.harmonics, lmax)
         partners = split_degrees(mixed[pairs.senders], c, lmax)  # (rows, M, C, 2l+1)
         if self.config.variant == "mp":
             # One fully connected message-passing layer: messages from W z_j, summed with a fixed scale.

@@ -329,3 +329,35 @@ def test_tensor_filter_paths_respect_parity_and_degree():
             assert (l_in + l_f + l_out) % 2 == 0 and abs(l_in - l_f) <= l_out <= l_in + l_f <= 2 * lmax
     assert (1, 1, 1) not in filter_paths(1)  # would produce a pseudo-vector (1e)
     assert math.isclose(len(filter_paths(1)), 4)
+
+
+def test_forward_exports_with_dynamic_atom_and_partner_counts():
+    """torch.export with symbolic N and M: no value-dependent shapes or specialisation in forward."""
+    from torch.export import Dim, export
+
+    from ggnd_plugin.block import PairTable
+
+    block = make_block(lmax=2)
+
+    class BlockOnTables(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, host, positions, species, senders, mask):
+            return self.inner(host, positions, species, PairTable(senders, mask))
+
+    def inputs(n_atoms, seed):
+        positions, species = random_molecule(n_atoms, seed)
+        batch = torch.zeros(n_atoms, dtype=torch.long)
+        pairs = complete_graph_pairs(batch)
+        return (toy_host_features(positions, species, batch), positions, species, pairs.senders, pairs.mask)
+
+    n, m = Dim("n_atoms", min=2, max=4096), Dim("partners", min=2, max=4096)
+    exported = export(
+        BlockOnTables(block),
+        inputs(7, seed=1),
+        dynamic_shapes=({0: n}, {0: n}, {0: n}, {0: n, 1: m}, {0: n, 1: m}),
+    )
+    other = inputs(11, seed=2)  # a size the export never saw
+    assert torch.allclose(exported.module()(*other), BlockOnTables(block)(*other), atol=1e-12, rtol=0)
