@@ -111,6 +111,23 @@ class HostAdapter(ABC):
         for block in self.ggnd_blocks(model):
             yield from block.parameters()
 
+    def fit(
+        self,
+        train: Path,
+        valid: Path,
+        work_dir: Path,
+        config: GGNDConfig | None = None,
+        epochs: int = 50,
+        seed: int = 0,
+        size: str = "small",
+    ) -> nn.Module:
+        """Train a model from scratch through the host's own training command (optional).
+
+        ``config=None`` trains the plain host model; with a config, the same architecture with a GGND
+        block. ``size`` is ``"tiny"`` (tests, quick demo) or ``"small"`` (the demo). Used by ``ggnd demo``.
+        """
+        raise GGNDError(f"the {self.name} adapter cannot train models from scratch")
+
     # ---- what the model knows -----------------------------------------------------------------------
     @abstractmethod
     def atomic_numbers(self, model: nn.Module) -> list[int]:
