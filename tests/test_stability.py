@@ -17,6 +17,7 @@ from ase.io import read
 
 from ggnd_plugin.errors import GGNDError
 from ggnd_plugin.md import metrics
+from ggnd_plugin.md.reference_models import bonded_morse_model
 from ggnd_plugin.md.stability import StabilityProtocol, _ModelRun, build_monitor, plan_replicas, run_stability
 
 BPA = Path(__file__).resolve().parents[2] / "shared" / "data" / "3bpa"
@@ -32,35 +33,8 @@ def start():
     return read(BPA / "test_300K.xyz", index=":40")
 
 
-class BondedMorse:
-    """E = sum over reference bonds of D (1 - exp(-a (r - b)))^2, per system; a TorchSim ModelInterface."""
-
-    def __new__(cls, pairs, lengths, depth=4.0, alpha=2.0, dtype=torch.float64):
-        from torch_sim.models.interface import ModelInterface
-
-        class _Model(ModelInterface):
-            def __init__(self):
-                super().__init__()
-                self._device = torch.device("cpu")
-                self._dtype = dtype
-                self._compute_forces = True
-                self._compute_stress = False
-                self.pairs = torch.as_tensor(pairs)
-                self.lengths = torch.as_tensor(lengths, dtype=dtype)
-                self.calls = 0
-
-            def forward(self, state, **_):
-                self.calls += 1
-                positions = state.positions.detach().requires_grad_(True)
-                n_systems = state.n_systems
-                per_system = positions.view(n_systems, -1, 3)
-                vectors = per_system[:, self.pairs[:, 1]] - per_system[:, self.pairs[:, 0]]
-                stretch = torch.linalg.vector_norm(vectors, dim=-1) - self.lengths
-                energy = (depth * (1 - torch.exp(-alpha * stretch)) ** 2).sum(-1)
-                (gradient,) = torch.autograd.grad(energy.sum(), positions)
-                return {"energy": energy.detach(), "forces": -gradient}
-
-        return _Model()
+def BondedMorse(pairs, lengths):  # noqa: N802 - reads as the model it builds
+    return bonded_morse_model(pairs, lengths)
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +338,43 @@ def test_failed_replicas_leave_the_batch(bonds, start, reference):
     assert sum(sizes[1:]) == sum(
         row["failure_step"] if row["failed"] else protocol.n_steps for row in result.rows
     )
+
+
+def test_periodic_runs_use_the_rdf_criterion(start, reference):
+    from ase.build import bulk
+    from torch_sim.models.lennard_jones import LennardJonesModel
+
+    crystal = bulk("Ar", "fcc", a=5.26, cubic=True).repeat(2)  # 32 atoms, r_max = 5.26 Å
+    frames = []
+    for seed in range(8):
+        frame = crystal.copy()
+        frame.rattle(0.08, seed=seed)
+        frames.append(frame)
+    model = LennardJonesModel(
+        sigma=3.405, epsilon=0.0104, cutoff=5.0, dtype=torch.float64, compute_stress=False
+    )
+    protocol = StabilityProtocol(
+        temperatures=(20.0, 3000.0),
+        replicas=2,
+        time_ps=0.4,
+        timestep_fs=2.0,
+        rdf_window_ps=0.1,
+        rdf_every_steps=5,
+        rdf_bins=30,
+    )
+    result = run_stability({"lj": model}, frames, frames, protocol, progress=False)
+    assert (
+        result.protocol["monitor"]["criterion"] == "rdf"
+        and result.protocol["monitor"]["window_samples"] == 10
+    )
+    cold, hot = result.rows[:2], result.rows[2:]
+    assert not any(row["failed"] for row in cold) and all(row["max_deviation"] < 1.0 for row in cold)
+    # argon at 3000 K melts at once: decided at the first full window (10 samples, steps 0..45)
+    assert all(row["failure"] == "rdf" and row["failure_step"] == 45 for row in hot)
+    with pytest.raises(GGNDError, match="bond criterion is for molecules"):
+        run_stability(
+            {"lj": model}, frames, frames, StabilityProtocol(criterion="bonds", time_ps=0.01), progress=False
+        )
 
 
 # -------------------------------------------------------------------------------------------------

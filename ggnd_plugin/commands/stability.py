@@ -64,6 +64,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--bond-cutoff", type=float, default=1.8, help="Å; default 1.8")
     parser.add_argument("--rdf-window-ps", type=float, default=1.0)
+    parser.add_argument("--rdf-bins", type=int, default=100, help="RDF bins up to --rdf-r-max; default 100")
     parser.add_argument("--rdf-r-max", type=float, help="Å; default min(6, half the smallest cell width)")
     parser.add_argument(
         "--seed", type=int, default=0, help="seeds start frames, velocities and thermostat noise"
@@ -162,6 +163,7 @@ def run(args) -> int:
         checkpoint_every_steps=args.checkpoint_every,
         rdf_window_ps=args.rdf_window_ps,
         rdf_r_max=args.rdf_r_max,
+        rdf_bins=args.rdf_bins,
     )
     protocol.validate()
     device = _device(args.device)
