@@ -409,7 +409,7 @@ class _ModelRun:
         self.step = payload["step"]
         self.active = list(payload["active"])
         self.records = payload["records"]
-        self.series = payload["series"]
+        self.series = [{name: values.tolist() for name, values in s.items()} for s in payload["series"]]
         n_active = len(self.active)
         self.monitor.start(n_active, self.device, self.dtype)
         if n_active and not payload["finished"]:
@@ -433,7 +433,10 @@ class _ModelRun:
             "finished": finished,
             "active": list(self.active),
             "records": self.records,
-            "series": self.series,
+            # arrays, not lists: a 100 ps run holds 10^4 points per replica and series, pickled each time
+            "series": [
+                {name: np.asarray(values, dtype=float) for name, values in s.items()} for s in self.series
+            ],
         }
         if self.active and not finished:
             payload["state"] = _state_tensors(self.state)
