@@ -487,3 +487,39 @@ def test_command_line_end_to_end(bonds, tmp_path, monkeypatch, capsys):
     # bad input: one error line, exit 2
     assert main([*arguments[:4], str(BPA / "test_300K.xyz"), str(BPA / "test_600K.xyz"), *arguments[4:]]) == 2
     assert "one file or one per temperature" in capsys.readouterr().err
+
+
+def test_runs_a_real_mace_host_through_its_torchsim_wrapper(start, reference):
+    """MACE's own TorchSim model (what the MACE adapter hands over) runs in the batched loop."""
+    pytest.importorskip("mace")
+    from e3nn import o3
+    from mace import modules
+    from torch_sim.models.mace import MaceModel
+
+    torch.manual_seed(0)
+    interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+    host = modules.ScaleShiftMACE(
+        r_max=4.0,
+        num_bessel=4,
+        num_polynomial_cutoff=5,
+        max_ell=1,
+        interaction_cls=interaction,
+        interaction_cls_first=interaction,
+        num_interactions=1,
+        num_elements=4,
+        hidden_irreps=o3.Irreps("8x0e+8x1o"),
+        MLP_irreps=o3.Irreps("4x0e"),
+        atomic_energies=np.zeros(4),
+        avg_num_neighbors=10.0,
+        atomic_numbers=[1, 6, 7, 8],
+        correlation=1,
+        gate=torch.nn.functional.silu,
+        atomic_inter_scale=0.01,
+        atomic_inter_shift=0.0,
+    )
+    model = MaceModel(host.double(), device=torch.device("cpu"), dtype=torch.float64, compute_stress=False)
+    protocol = StabilityProtocol(temperatures=(300.0, 600.0), replicas=2, time_ps=0.01)
+    result = run_stability({"mace": model}, start, reference, protocol, progress=False)
+    assert len(result.rows) == 4
+    for series in result.series.values():
+        assert len(series["time_ps"]) == 1 and np.isfinite(series["total_energy_eV"]).all()
