@@ -1,0 +1,309 @@
+"""The NequIP 0.19 adapter, and the names ``nequip-train`` configs use.
+
+Configs name ``ggnd_plugin.adapters.nequip.GGNDNequIPModel`` (a NequIP model with a GGND block) and
+``ggnd_plugin.adapters.nequip.GGNDUpgrade`` (a fitted model from ``ModelFromCheckpoint`` or
+``ModelFromPackage`` with a GGND block attached); both are defined in
+:mod:`ggnd_plugin.adapters.nequip_build` and looked up lazily here, so importing this module (as the
+adapter registry does) does not import nequip.
+
+Files: ``.ckpt`` checkpoints from ``nequip-train`` and ``.nequip.zip`` packages load; :meth:`save`
+writes a ``.nequip.zip`` package that ``nequip-compile``, ``NequIPCalculator.from_package`` and
+``ModelFromPackage`` read. ``.nequip.pt2`` files (``nequip-compile`` output) are inference-only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ggnd_plugin.adapters.base import HostAdapter, Prediction
+from ggnd_plugin.block import FeatureSpec, GGNDConfig
+from ggnd_plugin.errors import GGNDError
+
+if TYPE_CHECKING:
+    from ase import Atoms
+
+PACKAGE_SUFFIX = ".nequip.zip"
+CHECKPOINT_SUFFIX = ".ckpt"
+COMPILED_SUFFIX = ".nequip.pt2"
+_EXAMPLE_DATA = "_ggnd_example_data"  # attribute holding a package's example frame, kept for re-saving
+
+_LAZY = {"GGNDNequIPModel", "GGNDUpgrade", "insert_ggnd"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from ggnd_plugin.adapters import nequip_build
+
+        return getattr(nequip_build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _ensure_global_state() -> None:
+    from nequip.utils.global_state import global_state_initialized, set_global_state
+
+    if not global_state_initialized():
+        set_global_state()
+
+
+class NequIPAdapter(HostAdapter):
+    name = "nequip"
+    distribution = "nequip"
+    module = "nequip"
+    file_suffixes = (PACKAGE_SUFFIX, CHECKPOINT_SUFFIX, COMPILED_SUFFIX)
+
+    # ---- recognising models -------------------------------------------------------------------------
+    def recognises_model(self, model: Any) -> bool:
+        # An attribute test, not isinstance: models loaded from a package have the package's classes.
+        return isinstance(model, nn.Module) and bool(getattr(model, "is_graph_model", False))
+
+    def recognises_file(self, path: Path) -> bool:
+        return str(path).endswith(self.file_suffixes)
+
+    # ---- model lifecycle ----------------------------------------------------------------------------
+    def load(self, path: Path, device: str = "cpu") -> nn.Module:
+        self.require()
+        path = Path(path)
+        if not path.exists():
+            raise GGNDError(f"{path}: no such file")
+        if str(path).endswith(COMPILED_SUFFIX):
+            raise GGNDError(
+                f"{path}: a nequip-compile output is inference-only; load the .ckpt or .nequip.zip it was "
+                "compiled from (use NequIPCalculator.from_compiled_model to run it)"
+            )
+        if not str(path).endswith((PACKAGE_SUFFIX, CHECKPOINT_SUFFIX)):
+            raise GGNDError(
+                f"{path}: NequIP models are {PACKAGE_SUFFIX} packages or {CHECKPOINT_SUFFIX} files"
+            )
+        _ensure_global_state()
+        from nequip.model.saved_models.load_utils import load_saved_model
+
+        import ggnd_plugin.adapters.nequip_build  # noqa: F401  (packaging registration for GGND models)
+
+        model = load_saved_model(str(path), model_key="sole_model")
+        if str(path).endswith(PACKAGE_SUFFIX):
+            from nequip.model.saved_models.package import data_dict_from_package
+
+            setattr(model, _EXAMPLE_DATA, data_dict_from_package(str(path)))
+        return model.to(device).eval()
+
+    def save(self, model: nn.Module, path: Path) -> Path:
+        path = Path(path)
+        if not str(path).endswith(PACKAGE_SUFFIX):
+            raise GGNDError(
+                f"{path}: NequIP models are saved as packages; the file name must end in {PACKAGE_SUFFIX}"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_package(model, path)
+        return path
+
+    def feature_spec(self, model: nn.Module) -> FeatureSpec:
+        from ggnd_plugin.adapters.nequip_build import energy_network, host_feature_irreps
+
+        network = energy_network(model)
+        return FeatureSpec({"node_features": host_feature_irreps(network)}, num_species=len(model.type_names))
+
+    def attach(self, model: nn.Module, config: GGNDConfig) -> nn.Module:
+        from ggnd_plugin.adapters.nequip_build import insert_ggnd
+
+        if self.ggnd_blocks(model):
+            raise GGNDError("the NequIP model already has a GGND block")
+        upgraded = copy.deepcopy(model)
+        try:
+            return insert_ggnd(upgraded, config)
+        except ValueError as error:
+            raise GGNDError(f"cannot attach GGND to this NequIP model: {error}") from error
+
+    def ggnd_blocks(self, model: nn.Module) -> list[nn.Module]:
+        from ggnd_plugin.adapters.nequip_build import ggnd_modules
+
+        return [module.block for module in ggnd_modules(model)]
+
+    # ---- what the model knows -----------------------------------------------------------------------
+    def type_names(self, model: nn.Module) -> list[str]:
+        return list(model.type_names)
+
+    def atomic_numbers(self, model: nn.Module) -> list[int]:
+        from ase.data import atomic_numbers
+
+        unknown = [name for name in model.type_names if name not in atomic_numbers]
+        if unknown:
+            raise GGNDError(
+                f"NequIP type names {unknown} are not chemical symbols; ggnd-plugin maps structures to NequIP "
+                "types by element"
+            )
+        return [atomic_numbers[name] for name in model.type_names]
+
+    def cutoff(self, model: nn.Module) -> float:
+        return float(model.metadata["r_max"])
+
+    def atomic_energies(self, model: nn.Module) -> dict[int, float] | None:
+        from ggnd_plugin.adapters.nequip_build import energy_network
+
+        scale_shift = dict(energy_network(model).named_children()).get("per_type_energy_scale_shift")
+        shifts = getattr(scale_shift, "shifts", None)
+        if shifts is None or not getattr(scale_shift, "has_shifts", True):
+            return None
+        shifts = shifts.detach().reshape(-1)
+        if shifts.numel() == 1:
+            shifts = shifts.expand(len(model.type_names))
+        return dict(zip(self.atomic_numbers(model), shifts.tolist(), strict=True))
+
+    # ---- predictions --------------------------------------------------------------------------------
+    def transforms(self, model: nn.Module) -> list:
+        """NequIP's own data transforms for this model: element -> type, neighbour list."""
+        from nequip.integrations.utils import basic_transforms
+
+        self.atomic_numbers(model)  # type names must be chemical symbols
+        species = {name: name for name in model.type_names}
+        return basic_transforms(model.metadata, self.cutoff(model), list(model.type_names), species)
+
+    def to_data(self, model: nn.Module, structures: Sequence[Atoms]) -> dict:
+        """A batched ``AtomicDataDict`` of ``structures`` built with nequip's own tools."""
+        from nequip.data import AtomicDataDict, from_ase
+
+        transforms = self.transforms(model)
+        frames = []
+        for atoms in structures:
+            # Only the geometry: labels in atoms.info/arrays are not model inputs.
+            data = from_ase(atoms, exclude_keys=["energy", "forces", "stress", "free_energy", "energies"])
+            for transform in transforms:
+                data = transform(data)
+            frames.append(data)
+        return AtomicDataDict.batched_from_list(frames)
+
+    def predict(self, model: nn.Module, structures: Sequence[Atoms], training: bool = False) -> Prediction:
+        from nequip.data import AtomicDataDict
+
+        self.check_structures(model, structures)
+        device = next(iter(model.parameters())).device
+        data = AtomicDataDict.to_(self.to_data(model, structures), device)
+        was_training = model.training
+        model.train(training)  # ForceStressOutput builds a differentiable force graph in train mode only
+        try:
+            out = model(data)
+        finally:
+            model.train(was_training)
+        energy = out[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1)
+        forces = out[AtomicDataDict.FORCE_KEY]
+        if not training:
+            energy, forces = energy.detach(), forces.detach()
+        return Prediction(energy=energy, forces=forces)
+
+    def ase_calculator(self, model: nn.Module, device: str = "cpu"):
+        from nequip.integrations.ase import NequIPCalculator
+
+        return NequIPCalculator(model.eval(), device=device, transforms=self.transforms(model))
+
+    def torchsim_model(self, model: nn.Module, device: str = "cpu", dtype: torch.dtype = torch.float64):
+        from nequip.integrations.torchsim import NequIPTorchSimCalc
+
+        if dtype != torch.float64:
+            raise GGNDError("NequIP's TorchSim wrapper runs in float64 (NequIP positions are float64)")
+        return NequIPTorchSimCalc(model.eval(), device=device, transforms=self.transforms(model))
+
+
+# --------------------------------------------------------------------------------------------------
+# Packages
+# --------------------------------------------------------------------------------------------------
+def _source_importer(model: nn.Module):
+    """The torch.package importer a model was loaded from, or None for models built in this process."""
+    from torch.package import PackageImporter
+
+    for module in model.modules():
+        loader = getattr(type(module).forward, "__globals__", {}).get("__loader__")
+        if isinstance(loader, PackageImporter):
+            return loader
+    return None
+
+
+def example_data(model: nn.Module) -> dict:
+    """A frame for ``nequip-compile`` to trace: the package's own, or a small synthetic molecule."""
+    from nequip.data import AtomicDataDict
+    from nequip.data.transforms import NeighborListTransform
+
+    stored = getattr(model, _EXAMPLE_DATA, None)
+    if stored is not None:
+        return stored
+    num_types = len(model.type_names)
+    n = max(8, num_types)
+    generator = torch.Generator().manual_seed(0)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(3.0)] * 3, indexing="ij"), -1).reshape(-1, 3)[:n]
+    positions = 1.5 * grid + 0.1 * torch.randn(n, 3, generator=generator, dtype=grid.dtype)
+    cutoff = float(model.metadata["r_max"])
+    data = {
+        AtomicDataDict.POSITIONS_KEY: positions.to(torch.float64),
+        AtomicDataDict.ATOM_TYPE_KEY: torch.arange(n) % num_types,
+        AtomicDataDict.CELL_KEY: (100.0 * torch.eye(3, dtype=torch.float64))[None],
+        AtomicDataDict.PBC_KEY: torch.zeros(1, 3, dtype=torch.bool),
+    }
+    data = NeighborListTransform(r_max=cutoff)(data)
+    return AtomicDataDict.with_batch_(data)
+
+
+def write_package(model: nn.Module, path: Path) -> Path:
+    """Write ``model`` as a ``.nequip.zip`` package (the eager model; ``compile`` falls back to it).
+
+    The same layout ``nequip-package build`` writes from a checkpoint, for models that exist only in
+    memory (``ggnd upgrade``). GGND's graph modules are interned with the model code.
+    """
+    import yaml
+    from nequip.model.saved_models.package import _suppress_package_importer_exporter_warnings
+    from nequip.scripts import _package_utils
+    from nequip.scripts.package import _CURRENT_NEQUIP_PACKAGE_VERSION
+    from nequip.utils.versions import get_current_code_versions
+    from nequip.utils.versions.version_utils import get_version_safe
+    from torch.package import PackageExporter, sys_importer
+
+    from ggnd_plugin.adapters.nequip_build import ggnd_modules, register_for_packaging
+
+    register_for_packaging()
+    data = example_data(model)
+    stored = model.__dict__.pop(_EXAMPLE_DATA, None)
+    source = _source_importer(model)
+    importers = (source, sys_importer) if source is not None else (sys_importer,)
+    metadata = {
+        "versions": get_current_code_versions(verbose=False),
+        "external_modules": {name: get_version_safe(name) for name in _package_utils._EXTERNAL_MODULES},
+        "package_version_id": _CURRENT_NEQUIP_PACKAGE_VERSION,
+        "available_models": ["eager"],
+        "atom_types": dict(enumerate(model.type_names)),
+    }
+    config = {
+        "written_by": "ggnd_plugin.adapters.nequip.write_package",
+        "type_names": list(model.type_names),
+        "r_max": float(model.metadata["r_max"]),
+        "ggnd": [module.block.config.to_dict() for module in ggnd_modules(model)],
+    }
+    was_training = model.training
+    try:
+        with (
+            _suppress_package_importer_exporter_warnings(),
+            PackageExporter(str(path), importer=importers) as exp,
+        ):
+            exp.mock([f"{name}.**" for name in _package_utils._MOCK_MODULES])
+            exp.extern([f"{name}.**" for name in _package_utils._EXTERNAL_MODULES])
+            exp.intern([f"{name}.**" for name in _package_utils._INTERNAL_MODULES])
+            exp.save_pickle("model", "example_data.pkl", data, dependencies=True)
+            exp.save_text("model", "config.yaml", yaml.safe_dump(config))
+            exp.save_text("model", "package_metadata.txt", yaml.safe_dump(metadata))
+            exp.save_pickle(
+                "model",
+                "eager_model.pkl",
+                nn.ModuleDict({"sole_model": model.cpu().eval()}),
+                dependencies=True,
+            )
+    except Exception as error:
+        raise GGNDError(
+            f"{path}: could not write the NequIP package ({type(error).__name__}: {error})"
+        ) from error
+    finally:
+        model.train(was_training)
+        if stored is not None:
+            setattr(model, _EXAMPLE_DATA, stored)
+    return path
