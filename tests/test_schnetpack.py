@@ -352,6 +352,23 @@ def test_units_are_converted_like_spkcalculator(adapter, frames, tmp_path):
     assert (ts_out["forces"] - converted.forces).abs().max() < 1e-9
 
 
+def test_float32_model_under_a_float64_default(adapter, frames):
+    """spktrain writes float32 models; predict, ASE and TorchSim run them whatever torch's default."""
+    import torch_sim as ts
+
+    assert torch.get_default_dtype() == torch.float64
+    torch.manual_seed(3)
+    model = perturb(adapter, adapter.attach(build_model("painn", dtype=torch.float32), CONFIG))
+    prediction = adapter.predict(model, frames[:2])
+    atoms = frames[0].copy()
+    atoms.calc = adapter.ase_calculator(model)
+    assert atoms.get_potential_energy() == pytest.approx(prediction.energy[0].item(), abs=1e-3)
+    assert np.abs(atoms.get_forces() - prediction.forces[:27].numpy()).max() < 1e-4
+    out = adapter.torchsim_model(model)(ts.io.atoms_to_state(frames[:2], "cpu", torch.float64))
+    assert out["energy"].dtype == torch.float64
+    assert (out["forces"] - prediction.forces.double()).abs().max() < 1e-4
+
+
 def test_clear_errors(adapter, frames, tmp_path):
     model = build_model("painn")
     del model.ggnd_atomic_numbers
@@ -485,27 +502,23 @@ def test_hydra_instantiates_the_ggnd_model():
 
 
 @pytest.fixture
-def database(tmp_path):
+def database(tmp_path, capsys):
+    from ggnd_plugin.adapters.schnetpack_data import main
+
     db = tmp_path / "3bpa.db"
-    result = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "ggnd_plugin.adapters.schnetpack_data",
-            str(DATA / "train_300K.xyz"),
-            str(db),
-            "--index",
-            ":10",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
+    assert main([str(DATA / "train_300K.xyz"), str(db), "--index", ":10"]) == 0
+    assert "wrote 10 frames" in capsys.readouterr().out
+    assert main([str(DATA / "train_300K.xyz"), str(db)]) == 2  # refuses to overwrite silently
     from ase.db import connect
 
     with connect(db) as connection:
         assert len(connection) == 10
         assert connection.metadata["_property_unit_dict"] == {"energy": "eV", "forces": "eV/Ang"}
+        row = connection.get(3)
+    reference = read_labelled(DATA / "train_300K.xyz", "2")[0]
+    assert row.data["energy"][0] == reference.info["energy"]
+    assert np.array_equal(row.data["forces"], reference.arrays["forces"])
+    assert np.array_equal(row.positions, reference.positions)
     return db
 
 

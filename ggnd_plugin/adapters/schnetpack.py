@@ -229,6 +229,8 @@ class SchNetPackAdapter(HostAdapter):
         from schnetpack.interfaces import AtomsConverter
         from schnetpack.transform import MatScipyNeighborList
 
+        from ggnd_plugin.adapters.schnetpack_module import default_dtype
+
         structures = list(structures)
         if not structures:
             raise GGNDError("predict() needs at least one structure")
@@ -241,7 +243,7 @@ class SchNetPackAdapter(HostAdapter):
             dtype=reference.dtype,
         )
         inputs = converter([_in_model_length(atoms, to_angstrom) for atoms in structures])
-        with _derivatives_for(model, training), torch.enable_grad():
+        with _derivatives_for(model, training), default_dtype(reference.dtype), torch.enable_grad():
             results = model(inputs)
         if force_key not in results:
             raise GGNDError(f"the SchNetPack model returned no '{force_key}' (outputs: {sorted(results)})")
@@ -258,14 +260,15 @@ class SchNetPackAdapter(HostAdapter):
         SpkCalculator passes positions in Å unchanged, so models trained in other length units get a
         small calculator that converts them.
         """
-        from schnetpack.interfaces import SpkCalculator
         from schnetpack.transform import MatScipyNeighborList
+
+        from ggnd_plugin.adapters.schnetpack_ase import DtypeSafeSpkCalculator
 
         energy_key, force_key = output_keys(model)
         energy_unit, length_unit = self.units(model)
         if abs(self.conversion(model)[1] - 1.0) > 1e-12:
             return _predict_calculator(self, model)
-        return SpkCalculator(
+        return DtypeSafeSpkCalculator(
             model=copy.deepcopy(model),
             neighbor_list=MatScipyNeighborList(cutoff=_model_cutoff(model)),
             energy_key=energy_key,

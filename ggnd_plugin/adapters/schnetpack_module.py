@@ -18,6 +18,7 @@ imported only where needed.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -258,6 +259,18 @@ def insert_ggnd(
     model.collect_derivatives()
     model.collect_outputs()
     return module
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Run SchNetPack with the model's dtype as default: PaiNN creates its vector features with
+    ``torch.zeros`` in the default dtype, so a float32 model fails under a float64 default."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def ggnd_modules(model: nn.Module) -> list[GGNDEnergy]:

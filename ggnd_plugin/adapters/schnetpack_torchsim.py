@@ -22,6 +22,7 @@ from ggnd_plugin.adapters.schnetpack_module import (
     PBC_KEY,
     R_KEY,
     Z_KEY,
+    default_dtype,
     derivative_modules,
 )
 from ggnd_plugin.errors import GGNDError
@@ -115,7 +116,7 @@ class SchNetPackModel(ModelInterface):
         with torch.no_grad():
             mapping, pair_system, shifts = torchsim_nl(positions, cell, pbc, self.cutoff, system_idx)
 
-        with torch.enable_grad():
+        with torch.enable_grad(), default_dtype(self.model_dtype):
             positions.requires_grad_(self._compute_forces)
             strain = torch.zeros(n_systems, 3, 3, dtype=self.model_dtype, device=positions.device)
             strain.requires_grad_(self._compute_stress)
