@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ from ggnd_plugin.errors import GGNDError  # noqa: E402
 DATA = Path("/work/shared/data/3bpa")
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = REPO / "tests" / "data" / "nequip_ggnd_train.yaml"
+FINETUNE_CONFIG = REPO / "tests" / "data" / "nequip_ggnd_finetune.yaml"
 BIN = Path(sys.executable).parent
 CONFIG = GGNDConfig(channels=8, heads=2, steps=2)
 
@@ -77,8 +79,6 @@ def upgraded(adapter, host):
 @pytest.fixture(scope="module")
 def perturbed(adapter, upgraded):
     """The upgraded model with non-zero GGND weights (readout included), so GGND contributes."""
-    import copy
-
     model = copy.deepcopy(upgraded)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -157,8 +157,6 @@ def test_batch_equals_single_frames(adapter, perturbed, frames):
 
 
 def test_training_steps_lower_the_loss_and_move_ggnd(adapter, upgraded, frames):
-    import copy
-
     model = copy.deepcopy(upgraded)
     target_e = torch.tensor([a.get_potential_energy() for a in frames])
     target_f = torch.as_tensor(np.concatenate([a.get_forces() for a in frames]))
@@ -295,54 +293,121 @@ def _run(command: list[str], cwd: Path, timeout: int = 900) -> subprocess.Comple
     return result
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """One epoch of nequip-train with the GGND model builder on ten 3BPA frames."""
-    work = tmp_path_factory.mktemp("nequip_train")
-    frames = read(DATA / "train_300K.xyz", ":12")
-    write(work / "train.xyz", frames[:10])
-    write(work / "test.xyz", frames[10:])
+def _nequip_train(config: Path, work: Path, run: str, *overrides: str) -> Path:
     _run(
         [
             str(BIN / "nequip-train"),
             "-cp",
-            str(TRAIN_CONFIG.parent),
+            str(config.parent),
             "-cn",
-            TRAIN_CONFIG.stem,
-            f"train_file={work / 'train.xyz'}",
-            f"test_file={work / 'test.xyz'}",
-            f"hydra.run.dir={work / 'run'}",
+            config.stem,
+            f"hydra.run.dir={work / run}",
+            *overrides,
         ],
         cwd=work,
     )
+    return work / run / "best.ckpt"
+
+
+@pytest.fixture(scope="module")
+def train_work(tmp_path_factory):
+    """Ten 3BPA frames for training and two for testing."""
+    work = tmp_path_factory.mktemp("nequip_train")
+    frames = read(DATA / "train_300K.xyz", ":12")
+    write(work / "train.xyz", frames[:10])
+    write(work / "test.xyz", frames[10:])
     return work
 
 
+@pytest.fixture(scope="module")
+def ggnd_checkpoint(train_work):
+    """One epoch of nequip-train with the GGND model builder."""
+    data = [f"train_file={train_work / 'train.xyz'}", f"test_file={train_work / 'test.xyz'}"]
+    return _nequip_train(TRAIN_CONFIG, train_work, "ggnd", *data)
+
+
 @pytest.mark.slow
-def test_nequip_train_with_the_ggnd_builder(adapter, trained_run, frames):
-    checkpoint = trained_run / "run" / "best.ckpt"
-    assert checkpoint.exists()
-    model = adapter.load(checkpoint)
-    assert len(adapter.ggnd_blocks(model)) == 1
+def test_nequip_train_with_the_ggnd_builder(adapter, ggnd_checkpoint, frames):
+    model = adapter.load(ggnd_checkpoint)
     blocks = adapter.ggnd_blocks(model)
+    assert len(blocks) == 1
     assert blocks[0].readout_state.weight.abs().max() > 0  # nequip-train trained the GGND readout
     prediction = adapter.predict(model, frames[:1])
     assert torch.isfinite(prediction.energy).all() and torch.isfinite(prediction.forces).all()
 
 
 @pytest.mark.slow
-def test_upgrade_target_reproduces_the_checkpoint(adapter, trained_run, frames):
+def test_upgrade_target_fine_tune_and_package(adapter, train_work, frames):
     from ggnd_plugin.adapters.nequip import GGNDUpgrade
 
-    # A plain NequIP fit: the GGND checkpoint of the run with the block taken out is not a plain
-    # model, so upgrade the trained GGND model's host by loading the checkpoint and comparing the
-    # upgraded copy (second block refused) -- instead build a plain host checkpoint-free: the target
-    # accepts model objects too.
-    host = _tiny_model()
-    upgraded = GGNDUpgrade(model=host, ggnd=CONFIG.to_dict(), seed=0)
-    before, after = adapter.predict(_tiny_model(), frames), adapter.predict(upgraded, frames)
-    assert (before.energy - after.energy).abs().max() == 0 and (before.forces - after.forces).abs().max() == 0
+    data = [f"train_file={train_work / 'train.xyz'}", f"test_file={train_work / 'test.xyz'}"]
+    plain = _nequip_train(
+        TRAIN_CONFIG,
+        train_work,
+        "plain",
+        *data,
+        "training_module.model._target_=nequip.model.NequIPGNNModel",
+        "~training_module.model.ggnd",
+    )
+    host = adapter.load(plain)
+    assert not adapter.ggnd_blocks(host)
+    upgraded = GGNDUpgrade(
+        model={"_target_": "nequip.model.ModelFromCheckpoint", "checkpoint_path": str(plain)},
+        ggnd={"channels": 8},
+    )["sole_model"]
+    before, after = adapter.predict(host, frames), adapter.predict(upgraded, frames)
+    de = (before.energy - after.energy).abs().max().item()
+    df = (before.forces - after.forces).abs().max().item()
+    print(f"GGNDUpgrade of a nequip-train checkpoint: |dE| = {de:.3g} eV, |dF| = {df:.3g} eV/A")
+    assert de == 0.0 and df == 0.0
 
-    checkpoint = str(trained_run / "run" / "best.ckpt")
-    with pytest.raises(ValueError, match="already has a GGND block"):
-        GGNDUpgrade(model={"_target_": "nequip.model.ModelFromCheckpoint", "checkpoint_path": checkpoint})
+    finetuned = _nequip_train(
+        FINETUNE_CONFIG,
+        train_work,
+        "finetune",
+        f"checkpoint={plain}",
+        f"train_file={train_work / 'train.xyz'}",
+    )
+    package = train_work / "finetuned.nequip.zip"
+    _run([str(BIN / "nequip-package"), "build", str(finetuned), str(package)], cwd=train_work)
+    from_checkpoint = adapter.predict(adapter.load(finetuned), frames)
+    from_package = adapter.predict(adapter.load(package), frames)
+    assert len(adapter.ggnd_blocks(adapter.load(package))) == 1
+    assert (from_checkpoint.energy - from_package.energy).abs().max() < 1e-10
+    assert (from_checkpoint.forces - from_package.forces).abs().max() < 1e-10
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("target", ["ase", "batch"])
+def test_nequip_compile_aotinductor(adapter, upgraded, frames, target, tmp_path):
+    """nequip-compile (AOTInductor) of a package written by the adapter; about 10 min per target here."""
+    from nequip.integrations.ase import NequIPCalculator
+
+    model = copy.deepcopy(upgraded)
+    with torch.no_grad():
+        for parameter in adapter.ggnd_parameters(model):
+            parameter.add_(0.05)
+    package = adapter.save(model, tmp_path / "model.nequip.zip")
+    compiled = tmp_path / f"model_{target}.nequip.pt2"
+    command = [str(BIN / "nequip-compile"), str(package), str(compiled), "--mode", "aotinductor"]
+    _run([*command, "--device", "cpu", "--target", target], cwd=tmp_path, timeout=3000)
+    reference = adapter.predict(model, frames[:2])
+    if target == "ase":
+        calculator = NequIPCalculator.from_compiled_model(
+            str(compiled), chemical_species_to_atom_type_map=True
+        )
+        for index, atoms in enumerate(frames[:2]):
+            atoms = atoms.copy()
+            atoms.calc = calculator
+            assert atoms.get_potential_energy() == pytest.approx(reference.energy[index].item(), abs=1e-8)
+            forces = torch.as_tensor(atoms.get_forces())
+            assert (forces - reference.forces[27 * index : 27 * (index + 1)]).abs().max() < 1e-8
+    else:
+        import torch_sim as ts
+        from nequip.integrations.torchsim import NequIPTorchSimCalc
+
+        calc = NequIPTorchSimCalc.from_compiled_model(str(compiled), chemical_species_to_atom_type_map=True)
+        out = calc(ts.io.atoms_to_state(frames[:2], torch.device("cpu"), torch.float64))
+        assert (out["energy"] - reference.energy).abs().max() < 1e-8
+        assert (out["forces"] - reference.forces).abs().max() < 1e-8
