@@ -1,0 +1,435 @@
+"""Time and peak memory of energy + forces through the GGND block alone, dense and chunked.
+
+What is measured: one energy-and-forces evaluation of :class:`ggnd_plugin.block.GGNDBlock`
+(default :class:`~ggnd_plugin.block.GGNDConfig` except ``chunk_size``; float32): the pair table
+(``block.pairs``, rebuilt every call like a neighbour list), the forward pass to per-atom energies, their
+sum per system, and ``torch.autograd.grad`` of the total with respect to the positions. The host is
+replaced by a fixed random feature tensor of MACE-like irreps ``32x0e+32x1o``; the readout weights, which
+start at zero, are set to random values so the forces are those of a trained block (the cost does not
+depend on the values). Positions are molecule-like blobs: a jittered simple-cubic lattice of spacing
+2.1 Å (about 0.11 atoms/Å^3, the density of organic molecules including hydrogens; nearest neighbours
+>= 1.5 Å), keeping the N sites nearest the centre, with three species at random.
+
+Cases: one system of N = 27, 100, 300, 1000, 3000 atoms and a batch of 64 x 27 atoms, each dense
+(``chunk_size=None``) and chunked (``chunk_size=64``).
+
+Time: after one warm-up evaluation, ``--repeats`` evaluations are timed (``time.perf_counter``) and the
+median is reported, together with the minimum and maximum; for a case whose warm-up took more than 30 s
+the warm-up itself is the timing (``repeats`` 0): first-call costs are negligible there and a repeat
+would not beat the noise of the shared machine.
+
+Peak memory: every case runs in a fresh subprocess, and memory is the rise of the process's
+resident-set high-water mark (``ru_maxrss``) above its value after setup (imports, model, inputs), read
+in two phases:
+
+1. ``rss_peak_default_allocator_bytes``: during the warm-up and the timed repeats, with the allocator as
+   users run it (glibc defaults). This is what the process really took from the machine, but glibc keeps
+   freed blocks of up to 32 MiB in its heap (its mmap threshold rises each time a large block is freed),
+   so it overstates what the computation needs, the more so the more blocks a case frees (chunked).
+2. ``peak_bytes`` (the working set): then ``mallopt(M_MMAP_THRESHOLD, 128 KiB)`` pins the threshold
+   so every tensor of 128 KiB or more gets its own mapping and is returned to the system when freed,
+   ``malloc_trim`` releases what the heap kept, the high-water mark is reset (``/proc/self/clear_refs``),
+   and one more evaluation runs. The rise of the mark is then the peak of live memory, up to page
+   rounding and small-object noise (~1 MiB). Not timed: fresh mappings cost page faults (2-2.5x slower).
+
+The mark only rises when memory is touched, so both count what the operating system had to provide,
+not what was reserved. Without glibc or ``/proc`` the second phase is skipped and ``peak_bytes`` is the
+first number (``peak_bytes_method`` says which).
+
+Safety on a shared machine: before a case runs, its peak is predicted from the largest case of the same
+mode already measured (memory proportional to the number of pairs for dense, to N for chunked); a case
+predicted above the budget (``--memory-budget-gib``, default 14, but never more than the memory available
+at that moment minus 4 GiB) is recorded with ``seconds``/``peak_bytes`` null and a ``skipped`` reason. The subprocess also caps its own address space at its post-setup size plus the budget
+(``resource.setrlimit(RLIMIT_AS)``), so a wrong prediction ends in a clean allocation error (recorded as
+skipped), never in the machine swapping or the OOM killer hitting someone else.
+
+Growth exponents: least-squares slopes of log(seconds) and log(peak_bytes) against log(N) over the
+single-system cases per mode, over all measured N and over the large-N tail (N >= 300, where fixed
+per-call overheads no longer dominate).
+
+Usage::
+
+    .venv/bin/python benchmarks/block_scaling.py [--quick] [--out PATH] [--repeats 3] [--threads 1]
+
+Writes benchmarks/results/block_scaling.json (``--quick``: only N = 27, 100 and a batch of 8 x 27, and
+by default to benchmarks/results/block_scaling_quick.json so the committed result is not overwritten).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "block_scaling.json"
+QUICK_RESULT = ROOT / "benchmarks" / "results" / "block_scaling_quick.json"
+
+HOST_IRREPS = "32x0e+32x1o"
+NUM_SPECIES = 3
+LATTICE_SPACING = 2.1  # Å
+LATTICE_JITTER = 0.3  # Å, uniform in each coordinate
+CHUNK_SIZE = 64
+SINGLE_SIZES = (27, 100, 300, 1000, 3000)
+BATCH = (64, 27)
+QUICK_SIZES = (27, 100)
+QUICK_BATCH = (8, 27)
+TAIL_FROM = 300  # N from which the large-N exponent is fitted
+LONG_CASE_SECONDS = 30.0
+PINNED_MMAP_THRESHOLD = 128 * 1024  # bytes; glibc's initial value
+M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+DEFAULT_RSS = "rss_peak_default_allocator_bytes"
+SAFETY_MARGIN = 4 * 2**30  # bytes of available memory left to the other jobs on the machine
+
+
+# --------------------------------------------------------------------------------------------------
+# One case, inside its own subprocess
+# --------------------------------------------------------------------------------------------------
+def molecule_blob(n_atoms: int, generator):
+    """N sites of a jittered cubic lattice nearest its centre: a compact molecule-like cluster."""
+    import torch
+
+    side = math.ceil((6 * n_atoms / math.pi) ** (1 / 3)) + 2
+    axis = torch.arange(side, dtype=torch.float64) - (side - 1) / 2
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+    order = torch.argsort(
+        grid.norm(dim=-1) + 1e-6 * torch.rand(len(grid), generator=generator, dtype=torch.float64)
+    )
+    sites = grid[order[:n_atoms]] * LATTICE_SPACING
+    jitter = (torch.rand(n_atoms, 3, generator=generator, dtype=torch.float64) * 2 - 1) * LATTICE_JITTER
+    return (sites + jitter).float()
+
+
+def max_rss_bytes() -> int:
+    # Linux reports ru_maxrss in KiB (macOS in bytes).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def address_space_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
+
+
+def run_case(case: dict) -> dict:
+    """Measure one case in this process (call it in a fresh subprocess)."""
+    import torch
+
+    from ggnd_plugin.block import FeatureSpec, GGNDBlock, GGNDConfig, system_energy
+
+    torch.set_num_threads(case["threads"])
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(case["n_atoms"] * 1000 + case["n_systems"])
+    n_systems, n_per = case["n_systems"], case["n_atoms"] // case["n_systems"]
+    positions = torch.cat([molecule_blob(n_per, generator) for _ in range(n_systems)])
+    batch = torch.arange(n_systems).repeat_interleave(n_per)
+    n_atoms = positions.shape[0]
+    species = torch.randint(0, NUM_SPECIES, (n_atoms,), generator=generator)
+    spec = FeatureSpec({"node_feats": HOST_IRREPS}, num_species=NUM_SPECIES)
+    host = torch.randn(n_atoms, spec.irreps.dim, generator=generator)
+    block = GGNDBlock(spec, GGNDConfig(chunk_size=case["chunk_size"])).float()
+    with torch.no_grad():
+        block.readout_state.weight.normal_(generator=generator)
+        block.readout_host.weight.normal_(std=0.1, generator=generator)
+
+    def energy_and_forces():
+        x = positions.clone().requires_grad_(True)
+        pairs = block.pairs(x, batch)
+        energy = system_energy(block(host, x, species, pairs, batch=batch), batch, n_systems)
+        (grad,) = torch.autograd.grad(energy.sum(), x)
+        return energy.detach(), -grad
+
+    budget = case.get("memory_budget_bytes")
+    space = address_space_bytes()
+    if budget is not None and space:
+        resource.setrlimit(resource.RLIMIT_AS, (space + budget, resource.RLIM_INFINITY))
+    # The padded table (int64 senders + bool mask, width = largest system) is computed, not built, here:
+    # building it during setup would raise the baseline high-water mark and hide part of the peak.
+    record = {"pair_count": n_systems * n_per * n_per, "pair_table_bytes": n_atoms * n_per * 9}
+    try:
+        # Phase 1, the allocator as users run it: time, and the resident memory the process reaches.
+        baseline = max_rss_bytes()
+        start = time.perf_counter()
+        energy, forces = energy_and_forces()  # warm-up
+        warm_up = time.perf_counter() - start
+        if warm_up < LONG_CASE_SECONDS:
+            times = []
+            for _ in range(case["repeats"]):
+                start = time.perf_counter()
+                energy, forces = energy_and_forces()
+                times.append(time.perf_counter() - start)
+        else:
+            # Minutes long: first-call costs are negligible, and a repeat would not beat the noise of
+            # the shared machine, so the warm-up is the timing.
+            times = [warm_up]
+        default_peak = max_rss_bytes() - baseline
+        # Phase 2, the working set: freed tensors go back to the system at once, so RSS follows live memory.
+        working_set_peak = None
+        if pin_mmap_threshold() and reset_rss_high_water_mark():
+            baseline_pinned = max_rss_bytes()
+            energy, forces = energy_and_forces()
+            working_set_peak = max_rss_bytes() - baseline_pinned
+    except (RuntimeError, MemoryError) as error:
+        message = str(error).splitlines()[0][:200]
+        return {**record, "skipped": f"allocation failed under the address-space cap: {message}"}
+    if not (torch.isfinite(energy).all() and torch.isfinite(forces).all()):
+        raise SystemExit("non-finite energy or forces")
+    return {
+        **record,
+        "seconds": statistics.median(times),
+        "repeats": len(times) if warm_up < LONG_CASE_SECONDS else 0,
+        "warm_up_seconds": warm_up,
+        "seconds_min": min(times),
+        "seconds_max": max(times),
+        "peak_bytes": working_set_peak if working_set_peak is not None else default_peak,
+        "peak_bytes_method": "working set (mmap threshold pinned)"
+        if working_set_peak is not None
+        else "RSS high-water, default allocator",
+        "rss_peak_default_allocator_bytes": default_peak,
+        "setup_rss_bytes": baseline,
+        "force_rms": float(forces.pow(2).mean().sqrt()),
+    }
+
+
+def pin_mmap_threshold(threshold: int = PINNED_MMAP_THRESHOLD) -> bool:
+    """glibc: serve every allocation >= threshold by its own mmap, returned to the system when freed.
+
+    By default glibc raises this threshold (up to 32 MiB) each time a large block is freed, after which
+    blocks of that size come from the heap and stay resident after they are freed.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        pinned = libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1
+        libc.malloc_trim(0)
+        return pinned
+    except (OSError, AttributeError):
+        return False
+
+
+def reset_rss_high_water_mark() -> bool:
+    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM, ru_maxrss) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+def predicted_peak(case: dict, measured: list[dict]) -> float | None:
+    """Resident memory the next case may reach, from the largest measured case of the same mode.
+
+    Scaled by the number of pairs for both modes: exact for dense, and an upper bound for chunked, whose
+    resident memory under glibc's default allocator grows faster than its working set (see README).
+    """
+    same = [r for r in measured if r["mode"] == case["mode"] and r.get("rss_peak_default_allocator_bytes")]
+    if not same:
+        return None
+    ref = max(same, key=lambda r: r["pair_count"])
+    scale = case["pair_count"] / ref["pair_count"]
+    return max(ref["rss_peak_default_allocator_bytes"], ref["peak_bytes"]) * scale
+
+
+def available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_in_subprocess(case: dict, timeout: float) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(case["threads"]), "MKL_NUM_THREADS": str(case["threads"])}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"took longer than the {timeout:.0f} s per-case limit"}
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"skipped": f"subprocess exited with {done.returncode}: {tail[0][:200]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def fit_slope(points: list[tuple[float, float]]) -> float | None:
+    points = [(math.log(x), math.log(y)) for x, y in points if x and y and y > 0]
+    if len(points) < 2:
+        return None
+    mx = sum(p[0] for p in points) / len(points)
+    my = sum(p[1] for p in points) / len(points)
+    sxx = sum((p[0] - mx) ** 2 for p in points)
+    return sum((p[0] - mx) * (p[1] - my) for p in points) / sxx
+
+
+def growth_exponents(cases: list[dict]) -> dict:
+    out = {}
+    for mode in ("dense", "chunked"):
+        single = [r for r in cases if r["mode"] == mode and r["n_systems"] == 1 and r.get("seconds")]
+        tail = [r for r in single if r["n_atoms"] >= TAIL_FROM]
+        out[mode] = {
+            "n_atoms": [r["n_atoms"] for r in single],
+            "time": fit_slope([(r["n_atoms"], r["seconds"]) for r in single]),
+            "memory": fit_slope([(r["n_atoms"], r["peak_bytes"]) for r in single]),
+            "tail_n_atoms": [r["n_atoms"] for r in tail],
+            "time_tail": fit_slope([(r["n_atoms"], r["seconds"]) for r in tail]),
+            "memory_tail": fit_slope([(r["n_atoms"], r["peak_bytes"]) for r in tail]),
+            "memory_default_allocator": fit_slope([(r["n_atoms"], r[DEFAULT_RSS]) for r in single]),
+            "memory_default_allocator_tail": fit_slope([(r["n_atoms"], r[DEFAULT_RSS]) for r in tail]),
+        }
+    return out
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": threads,
+        "dtype": "float32",
+        "load_average_at_start": load,
+        "note": (
+            "2-core machine shared with other jobs while this ran; absolute seconds carry that noise "
+            "(see seconds_min/seconds_max), the exponents much less so"
+        ),
+    }
+
+
+def print_table(cases: list[dict], exponents: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="GGND block: energy + forces (float32, CPU); peak = working set, RSS = default glibc")
+    columns = ("mode", "systems x atoms", "pairs", "median s", "min-max s", "peak MiB", "RSS MiB", "note")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("mode", "note") else "right")
+    for r in cases:
+        per = r["n_atoms"] // r["n_systems"]
+        seconds = r.get("seconds")
+        peak = r.get("peak_bytes")
+        table.add_row(
+            r["mode"] + ("" if r["chunk_size"] is None else f" ({r['chunk_size']})"),
+            f"{r['n_systems']} x {per}",
+            f"{r['pair_count']:,}",
+            "-" if seconds is None else f"{seconds:.4g}",
+            "-" if seconds is None else f"{r['seconds_min']:.3g}-{r['seconds_max']:.3g}",
+            "-" if peak is None else f"{peak / 2**20:.1f}",
+            "-" if r.get(DEFAULT_RSS) is None else f"{r[DEFAULT_RSS] / 2**20:.1f}",
+            r.get("skipped", ""),
+        )
+    console = Console(width=160)
+    console.print(table)
+    exp = Table(title="growth exponents d log(y) / d log(N), single systems")
+    columns = ("mode", "N", "time", "memory", "RSS", "N (tail)", "time (tail)", "memory (tail)", "RSS (tail)")
+    for column in columns:
+        exp.add_column(column, justify="right")
+
+    def fmt(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    for mode, e in exponents.items():
+        exp.add_row(
+            mode,
+            ",".join(map(str, e["n_atoms"])),
+            fmt(e["time"]),
+            fmt(e["memory"]),
+            fmt(e["memory_default_allocator"]),
+            ",".join(map(str, e["tail_n_atoms"])),
+            fmt(e["time_tail"]),
+            fmt(e["memory_tail"]),
+            fmt(e["memory_default_allocator_tail"]),
+        )
+    console.print(exp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small N only (smoke run)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per case")
+    parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
+    parser.add_argument(
+        "--memory-budget-gib", type=float, default=14.0, help="skip cases predicted to need more"
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = parser.parse_args(argv)
+
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return 0
+
+    sizes, batch = (QUICK_SIZES, QUICK_BATCH) if args.quick else (SINGLE_SIZES, BATCH)
+    out = args.out or (QUICK_RESULT if args.quick else RESULT)
+    budget = int(args.memory_budget_gib * 2**30)
+    plan = [(mode, n, 1) for mode in ("dense", "chunked") for n in sizes]
+    plan += [(mode, batch[0] * batch[1], batch[0]) for mode in ("dense", "chunked")]
+    machine = machine_info(args.threads)
+    cases: list[dict] = []
+    for mode, n_atoms, n_systems in plan:
+        per = n_atoms // n_systems
+        case = {
+            "mode": mode,
+            "n_atoms": n_atoms,
+            "n_systems": n_systems,
+            "chunk_size": None if mode == "dense" else args.chunk_size,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "pair_count": n_systems * per * per,
+        }
+        available = available_memory_bytes()
+        case_budget = budget if available is None else min(budget, available - SAFETY_MARGIN)
+        case["memory_budget_bytes"] = max(case_budget, 2**28)
+        estimate = predicted_peak(case, cases)
+        record = {k: case[k] for k in ("mode", "n_atoms", "n_systems", "chunk_size", "repeats", "threads")}
+        record.update(pair_count=case["pair_count"], predicted_peak_bytes=estimate)
+        if estimate is not None and estimate > case_budget:
+            record.update(
+                seconds=None,
+                peak_bytes=None,
+                skipped=(
+                    f"predicted peak {estimate / 2**30:.1f} GiB exceeds the {case_budget / 2**30:.1f} GiB "
+                    f"budget (--memory-budget-gib {args.memory_budget_gib:g}, capped at the available "
+                    "memory minus 4 GiB: the machine is shared)"
+                ),
+            )
+        else:
+            print(f"{mode:8s} {n_systems} x {per} atoms ...", file=sys.stderr, flush=True)
+            record.update(run_in_subprocess(case, args.timeout))
+            record.setdefault("seconds", None)
+            record.setdefault("peak_bytes", None)
+        cases.append(record)
+    exponents = growth_exponents(cases)
+    result = {"cases": cases, "exponents": exponents, "machine": machine, "config": "GGNDConfig() defaults"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(cases, exponents)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
