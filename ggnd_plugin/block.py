@@ -23,8 +23,8 @@ mask). Nothing in :meth:`GGNDBlock.forward` depends on tensor values for its sha
 whose width M depends on the structure, is built outside, like a host's neighbour list.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.package (nequip-package) cannot load an interned
+# dataclass whose annotations are strings.
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -149,7 +149,7 @@ class GGNDConfig:
         return asdict(self)
 
     @classmethod
-    def from_file(cls, path) -> GGNDConfig:
+    def from_file(cls, path) -> "GGNDConfig":
         """Read options from a YAML (or JSON) file: a mapping of option names to values."""
         import yaml
 
@@ -166,7 +166,7 @@ class GGNDConfig:
             raise ValueError(f"{path}: {error}") from error
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> GGNDConfig:
+    def from_dict(cls, values: Mapping[str, Any]) -> "GGNDConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -275,14 +275,21 @@ class PairTable:
     def width(self) -> int:
         return self.senders.shape[1]
 
-    def rows(self, start: int, stop: int) -> PairTable:
+    def rows(self, start: int, stop: int) -> "PairTable":
         shifts = None if self.cell_shifts is None else self.cell_shifts[start:stop]
         return PairTable(self.senders[start:stop], self.mask[start:stop], shifts)
 
 
 def _tracing() -> bool:
     """True under torch.compile/export or TorchScript tracing, where value checks must not run."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return (
+        torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or get_proxy_mode() is not None  # make_fx tracing, as nequip-compile does
+    )
 
 
 def _check_batch(positions: Tensor, batch: Tensor) -> None:
