@@ -1,0 +1,141 @@
+"""``ggnd data``: reference data the project makes itself, and the data shipped with it (docs/data.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ggnd_plugin.errors import GGNDError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "data",
+        help="make xTB reference data from a SMILES; list the data shipped with ggnd-plugin",
+        description="Reference data: `generate` runs GFN2-xTB Langevin MD of a molecule and writes labelled "
+        "extxyz files; `list` shows the datasets shipped inside the package.",
+    )
+    data_commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    parser.set_defaults(handler=lambda args: parser.print_help() or 1)
+
+    generate = data_commands.add_parser(
+        "generate",
+        help="GFN2-xTB MD of a molecule at several temperatures, labelled frames as extxyz",
+        description="Build the molecule from SMILES (RDKit), run Langevin MD with GFN2-xTB forces (tblite) at each "
+        "temperature after an equilibration period, and write one labelled frame every --spacing-fs to "
+        "OUT/<name>_<T>K.xyz (energy in eV, forces in eV/Å), plus OUT/README.md and OUT/generation.json. "
+        "Deterministic for a seed; stop at any time and continue with --resume. "
+        "Needs the xtb extra: pip install 'ggnd-plugin[xtb]'.",
+    )
+    generate.add_argument("--smiles", required=True, help="the molecule, e.g. 'Nc1ncccc1OCc1ccccc1' (3BPA)")
+    generate.add_argument(
+        "--temperature", nargs="+", type=float, required=True, metavar="K", help="MD temperatures (K)"
+    )
+    generate.add_argument(
+        "--frames",
+        nargs="+",
+        type=int,
+        required=True,
+        metavar="N",
+        help="labelled frames per temperature: one count for all, or one per --temperature",
+    )
+    generate.add_argument("--name", default="molecule", help="file-name stem; default 'molecule'")
+    generate.add_argument(
+        "--spacing-fs", type=float, default=50.0, help="MD time between written frames (fs); default 50"
+    )
+    generate.add_argument(
+        "--timestep-fs",
+        type=float,
+        default=0.5,
+        help="MD time step (fs); default 0.5, which keeps X-H vibrations stable at 1200 K",
+    )
+    generate.add_argument(
+        "--friction", type=float, default=0.01, help="Langevin friction (1/fs); default 0.01"
+    )
+    generate.add_argument(
+        "--equilibration-ps",
+        type=float,
+        default=1.0,
+        help="MD before the first frame, not written (ps; rounded up to whole spacings); default 1",
+    )
+    generate.add_argument(
+        "--method",
+        choices=("gfn2-xtb", "gfn1-xtb", "ipea1-xtb"),
+        default="gfn2-xtb",
+        help="tblite Hamiltonian; default gfn2-xtb",
+    )
+    generate.add_argument(
+        "--electronic-temperature", type=float, default=300.0, help="xTB Fermi smearing (K); default 300"
+    )
+    generate.add_argument(
+        "--seed", type=int, default=0, help="seeds the geometry, velocities, noise and split"
+    )
+    generate.add_argument(
+        "--split",
+        type=int,
+        metavar="N_TRAIN",
+        help="split one temperature's frames at random into N_TRAIN training frames "
+        "(<name>_<T>K_train.xyz) and the rest (<name>_<T>K_test.xyz)",
+    )
+    generate.add_argument(
+        "--split-temperature",
+        type=float,
+        metavar="K",
+        help="the temperature --split applies to; default the first",
+    )
+    generate.add_argument(
+        "--max-bond-stretch",
+        type=float,
+        default=1.0,
+        metavar="Å",
+        help="stop with an error when a bond of the SMILES stretches this far (the molecule broke); default 1.0",
+    )
+    generate.add_argument("-o", "--out", type=Path, required=True, help="output directory")
+    generate.add_argument("--resume", action="store_true", help="continue the run stopped in --out")
+    generate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    generate.set_defaults(handler=run_generate)
+
+    listing = data_commands.add_parser(
+        "list", help="the datasets shipped inside ggnd-plugin, with their paths"
+    )
+    listing.set_defaults(handler=run_list)
+
+
+def run_generate(args) -> int:
+    from ggnd_plugin.reference import METHODS, GenerationSettings, generate
+
+    settings = GenerationSettings(
+        smiles=args.smiles,
+        temperatures_K=tuple(args.temperature),
+        frames=tuple(args.frames),
+        name=args.name,
+        method=METHODS[args.method],
+        seed=args.seed,
+        spacing_fs=args.spacing_fs,
+        timestep_fs=args.timestep_fs,
+        friction_per_fs=args.friction,
+        equilibration_ps=args.equilibration_ps,
+        split_train=args.split,
+        split_temperature_K=args.split_temperature,
+        max_bond_stretch=args.max_bond_stretch,
+        electronic_temperature_K=args.electronic_temperature,
+    )
+    result = generate(settings, args.out, resume=args.resume, show_progress=not args.no_progress)
+    for path in result.files:
+        stats = result.statistics[path.name]
+        print(
+            f"{path}: {stats['frames']} frames, E mean {stats['energy_mean_eV']:.3f} eV "
+            f"(std {stats['energy_std_eV']:.3f}), force RMS {stats['force_rms_eV_per_A']:.3f} eV/Å"
+        )
+    print(f"{args.out / 'README.md'}: how the data was made")
+    return 0
+
+
+def run_list(args) -> int:
+    from ggnd_plugin.default_data import default_data_path, list_default_data
+
+    names = list_default_data()
+    if not names:
+        raise GGNDError("no default data is installed with this copy of ggnd-plugin")
+    for name in names:
+        print(f"{name}\t{default_data_path(name)}")
+    return 0

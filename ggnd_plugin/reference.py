@@ -1,0 +1,654 @@
+"""Reference labels the project makes itself: GFN2-xTB Langevin MD of a molecule given as SMILES.
+
+RDKit builds a 3D geometry (hydrogens added, embedded with the seed, MMFF-optimised); tblite's GFN2-xTB
+drives Langevin MD (ASE) at each temperature after an equilibration period, and every ``spacing_fs`` one
+frame is written with its xTB energy and forces. Units: eV, Å, eV/Å, fs, K.
+
+Reproducibility: every random number comes from one numpy Generator per temperature, seeded from
+``(seed, temperature)``; each SCF starts from the same guess (tblite would otherwise reuse the last
+wavefunction, which makes the labels depend on the history); tblite runs on one OpenMP thread. The same settings and package versions give byte-identical files.
+
+Resumability: after every ``spacing_fs`` of MD the state (positions, momenta, the Generator's state, the
+number of frames written and the size of the partial file) is saved as exact JSON, so a run stopped at
+any point continues to the same files as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from ggnd_plugin.errors import GGNDError
+
+XTB_EXTRA_HINT = "pip install 'ggnd-plugin[xtb]'"
+METHODS = {"gfn2-xtb": "GFN2-xTB", "gfn1-xtb": "GFN1-xTB", "ipea1-xtb": "IPEA1-xTB"}
+CHECKPOINT_DIR = ".checkpoint"
+RECORD_FILE = "generation.json"
+# A covalent bond stretched this far means the molecule broke (or the time step is too long):
+# such frames are not what a user wants to train on, so the run stops and says so.
+DEFAULT_MAX_BOND_STRETCH = 1.0
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that determines the generated files (and nothing that does not)."""
+
+    smiles: str
+    temperatures_K: tuple[float, ...]
+    frames: tuple[int, ...]
+    name: str = "molecule"
+    method: str = "GFN2-xTB"
+    seed: int = 0
+    spacing_fs: float = 50.0
+    timestep_fs: float = 0.5
+    friction_per_fs: float = 0.01
+    equilibration_ps: float = 1.0
+    split_train: int | None = None
+    split_temperature_K: float | None = None
+    max_bond_stretch: float = DEFAULT_MAX_BOND_STRETCH
+    electronic_temperature_K: float = 300.0
+
+    def __post_init__(self):
+        if not self.temperatures_K:
+            raise GGNDError("give at least one --temperature")
+        if len(set(self.temperatures_K)) != len(self.temperatures_K):
+            raise GGNDError(f"--temperature lists a temperature twice: {list(self.temperatures_K)}")
+        if any(t <= 0 for t in self.temperatures_K):
+            raise GGNDError(f"temperatures must be positive (K), got {list(self.temperatures_K)}")
+        if len(self.frames) not in (1, len(self.temperatures_K)):
+            raise GGNDError(
+                f"--frames takes one count or one per temperature ({len(self.temperatures_K)}), "
+                f"got {len(self.frames)}"
+            )
+        if any(n < 1 for n in self.frames):
+            raise GGNDError(f"--frames must be at least 1, got {list(self.frames)}")
+        if self.timestep_fs <= 0 or self.spacing_fs <= 0 or self.equilibration_ps < 0:
+            raise GGNDError("--timestep-fs and --spacing-fs must be positive, --equilibration-ps >= 0")
+        steps = self.spacing_fs / self.timestep_fs
+        if abs(steps - round(steps)) > 1e-9:
+            raise GGNDError(
+                f"--spacing-fs ({self.spacing_fs}) must be a whole number of time steps "
+                f"(--timestep-fs {self.timestep_fs})"
+            )
+        if self.friction_per_fs < 0:
+            raise GGNDError(f"--friction must be >= 0, got {self.friction_per_fs}")
+        if self.method not in METHODS.values():
+            raise GGNDError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not self.name or any(c in self.name for c in "/\\ "):
+            raise GGNDError(f"--name must be a plain file-name stem, got {self.name!r}")
+        if self.split_train is not None:
+            total = self.frames_at(self.split_at())
+            if not 0 < self.split_train < total:
+                raise GGNDError(
+                    f"--split {self.split_train}: must be between 1 and {total - 1}, the frames at "
+                    f"{self.split_at():g} K"
+                )
+
+    @property
+    def steps_per_frame(self) -> int:
+        return round(self.spacing_fs / self.timestep_fs)
+
+    @property
+    def equilibration_segments(self) -> int:
+        """Equilibration rounded up to whole frame spacings, so a checkpoint always falls on one."""
+        return math.ceil(self.equilibration_ps * 1000.0 / self.spacing_fs - 1e-9)
+
+    def frames_at(self, temperature_K: float) -> int:
+        if len(self.frames) == 1:
+            return self.frames[0]
+        return self.frames[self.temperatures_K.index(temperature_K)]
+
+    def split_at(self) -> float:
+        if self.split_temperature_K is None:
+            return self.temperatures_K[0]
+        if self.split_temperature_K not in self.temperatures_K:
+            raise GGNDError(
+                f"--split-temperature {self.split_temperature_K:g} K is not one of the --temperature values"
+            )
+        return self.split_temperature_K
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        record["temperatures_K"] = list(self.temperatures_K)
+        record["frames"] = list(self.frames)
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> GenerationSettings:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in record.items() if k in known}
+        values["temperatures_K"] = tuple(float(t) for t in values["temperatures_K"])
+        values["frames"] = tuple(int(n) for n in values["frames"])
+        return cls(**values)
+
+    def command(self, out_dir: str | Path) -> str:
+        """The ``ggnd data generate`` command line that reproduces these settings."""
+        method = next(k for k, v in METHODS.items() if v == self.method)
+        words = ["ggnd", "data", "generate", "--smiles", self.smiles, "--name", self.name]
+        words += ["--temperature", *(f"{t:g}" for t in self.temperatures_K)]
+        words += ["--frames", *(str(n) for n in self.frames)]
+        words += ["--spacing-fs", f"{self.spacing_fs:g}", "--timestep-fs", f"{self.timestep_fs:g}"]
+        words += [
+            "--friction",
+            f"{self.friction_per_fs:g}",
+            "--equilibration-ps",
+            f"{self.equilibration_ps:g}",
+        ]
+        words += ["--method", method, "--seed", str(self.seed)]
+        if self.max_bond_stretch != DEFAULT_MAX_BOND_STRETCH:
+            words += ["--max-bond-stretch", f"{self.max_bond_stretch:g}"]
+        if self.electronic_temperature_K != 300.0:
+            words += ["--electronic-temperature", f"{self.electronic_temperature_K:g}"]
+        if self.split_train is not None:
+            words += ["--split", str(self.split_train)]
+            if self.split_temperature_K is not None:
+                words += ["--split-temperature", f"{self.split_temperature_K:g}"]
+        words += ["-o", str(out_dir)]
+        return shlex.join(words)
+
+
+def temperature_tag(temperature_K: float) -> str:
+    return f"{temperature_K:g}K"
+
+
+def trajectory_file(settings: GenerationSettings, temperature_K: float) -> str:
+    return f"{settings.name}_{temperature_tag(temperature_K)}.xyz"
+
+
+def split_files(settings: GenerationSettings) -> tuple[str, str]:
+    stem = f"{settings.name}_{temperature_tag(settings.split_at())}"
+    return f"{stem}_train.xyz", f"{stem}_test.xyz"
+
+
+def output_files(settings: GenerationSettings) -> list[str]:
+    """The labelled files a finished run leaves, in temperature order."""
+    names = []
+    for temperature in settings.temperatures_K:
+        if settings.split_train is not None and temperature == settings.split_at():
+            names.extend(split_files(settings))
+        else:
+            names.append(trajectory_file(settings, temperature))
+    return names
+
+
+def require_xtb() -> None:
+    """Import tblite and RDKit, or say which is missing and how to install it."""
+    missing = []
+    for module, package in (("tblite.ase", "tblite"), ("rdkit.Chem.AllChem", "rdkit")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise GGNDError(
+            f"generating xTB reference data needs {' and '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: {XTB_EXTRA_HINT}"
+        )
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("ggnd-plugin", "tblite", "rdkit", "ase", "numpy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def molecule_from_smiles(smiles: str, seed: int = 0):
+    """(ASE Atoms, bonds as (n_bonds, 2) indices, total charge, unpaired electrons) from a SMILES."""
+    require_xtb()
+    from ase import Atoms
+    from rdkit import Chem, RDLogger
+    from rdkit.Chem import AllChem
+
+    RDLogger.DisableLog("rdApp.*")  # RDKit's own stderr messages would duplicate our error
+    try:
+        mol = Chem.MolFromSmiles(smiles)
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    if mol is None:
+        raise GGNDError(f"RDKit cannot parse the SMILES {smiles!r}")
+    mol = Chem.AddHs(mol)
+    if AllChem.EmbedMolecule(mol, randomSeed=seed) != 0:
+        # Random-coordinate embedding rescues molecules that distance geometry cannot embed.
+        if AllChem.EmbedMolecule(mol, randomSeed=seed, useRandomCoords=True) != 0:
+            raise GGNDError(f"RDKit cannot build a 3D geometry for the SMILES {smiles!r}")
+    if AllChem.MMFFHasAllMoleculeParams(mol):
+        AllChem.MMFFOptimizeMolecule(mol, maxIters=2000)
+    else:
+        AllChem.UFFOptimizeMolecule(mol, maxIters=2000)
+    numbers = [atom.GetAtomicNum() for atom in mol.GetAtoms()]
+    atoms = Atoms(numbers=numbers, positions=mol.GetConformer().GetPositions())
+    bonds = np.array([(b.GetBeginAtomIdx(), b.GetEndAtomIdx()) for b in mol.GetBonds()], dtype=int).reshape(
+        -1, 2
+    )
+    charge = Chem.GetFormalCharge(mol)
+    unpaired = sum(atom.GetNumRadicalElectrons() for atom in mol.GetAtoms())
+    return atoms, bonds, charge, unpaired
+
+
+def xtb_calculator(
+    method: str = "GFN2-xTB", charge: int = 0, unpaired: int = 0, electronic_temperature_K=300.0
+):
+    """tblite's ASE calculator, made history-free: every single point starts from scratch.
+
+    tblite reuses the previous wavefunction as the SCF guess, so a label would depend on the frames
+    before it (by ~1e-4 eV/Å) and a resumed run could not reproduce an uninterrupted one. Rebuilding
+    the API object each time costs nothing measurable next to the SCF.
+    """
+    require_xtb()
+    from tblite.ase import TBLite
+
+    class FreshGuessTBLite(TBLite):
+        def calculate(self, *args, **kwargs):
+            self._res = None
+            self._xtb = None
+            super().calculate(*args, **kwargs)
+
+    return FreshGuessTBLite(
+        method=method,
+        charge=charge,
+        multiplicity=unpaired + 1,
+        electronic_temperature=electronic_temperature_K,
+        verbosity=0,
+    )
+
+
+@contextmanager
+def one_openmp_thread():
+    """Run tblite on one OpenMP thread: its threaded sums differ in the last bit from run to run.
+
+    tblite links ``libgomp.so.1``; torch (imported with ggnd_plugin) has already loaded its own copy
+    under that name, so tblite shares it and OMP_NUM_THREADS is read too early to help.
+    ``torch.set_num_threads`` sets that runtime's thread count; the previous count is restored after.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _rng_for(seed: int, temperature_K: float) -> np.random.Generator:
+    # Independent of the order of --temperature, so adding a temperature never changes the others.
+    return np.random.default_rng([seed, round(temperature_K * 1000)])
+
+
+def _write_json_atomically(path: Path, record: dict) -> None:
+    partial = path.with_suffix(path.suffix + ".tmp")
+    partial.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, path)
+
+
+def _label_frame(atoms, settings: GenerationSettings, temperature_K: float, time_fs: float):
+    """A plain Atoms with the xTB labels of the current MD state (forces before any constraint)."""
+    from ase import Atoms
+
+    frame = Atoms(numbers=atoms.numbers, positions=atoms.get_positions())
+    frame.info["energy"] = float(atoms.get_potential_energy())
+    frame.info["temperature_K"] = float(temperature_K)
+    frame.info["kinetic_temperature_K"] = float(atoms.get_temperature())
+    frame.info["time_fs"] = float(time_fs)
+    frame.info["method"] = settings.method
+    frame.arrays["forces"] = np.array(atoms.get_forces(apply_constraint=False))
+    return frame
+
+
+class _Stop(Exception):
+    """Raised internally after ``stop_after_frames`` frames (a simulated interruption for tests)."""
+
+
+@dataclass
+class GenerationResult:
+    out_dir: Path
+    files: list[Path]
+    frame_counts: dict[str, int]
+    statistics: dict[str, dict] = field(default_factory=dict)
+    complete: bool = True
+
+
+def _check_bonds(atoms, bonds, reference_lengths, settings, temperature_K, time_fs) -> float:
+    if len(bonds) == 0:
+        return 0.0
+    positions = atoms.get_positions()
+    lengths = np.linalg.norm(positions[bonds[:, 0]] - positions[bonds[:, 1]], axis=1)
+    stretch = np.abs(lengths - reference_lengths)
+    worst = int(np.argmax(stretch))
+    if stretch[worst] > settings.max_bond_stretch:
+        i, j = bonds[worst]
+        raise GGNDError(
+            f"at {temperature_K:g} K, t = {time_fs:g} fs the bond {atoms[i].symbol}{i}-{atoms[j].symbol}{j} "
+            f"is {lengths[worst]:.2f} Å long ({reference_lengths[worst]:.2f} Å at the start): the molecule "
+            f"broke apart. Lower --timestep-fs or the temperature (or raise --max-bond-stretch if intended)"
+        )
+    return float(stretch[worst])
+
+
+def _run_temperature(
+    temperature_K, settings, start, bonds, charge, unpaired, out_dir, progress, stop_after_frames, frames_done
+):
+    """MD and labelling at one temperature, resuming from its checkpoint when there is one.
+
+    Returns the number of frames this call wrote (across all temperatures the caller counts them, so a
+    simulated interruption can fall anywhere).
+    """
+    from ase import units
+    from ase.constraints import FixCom
+    from ase.io import write
+    from ase.md import velocitydistribution
+    from ase.md.langevin import Langevin
+
+    checkpoint_path = out_dir / CHECKPOINT_DIR / f"{temperature_tag(temperature_K)}.json"
+    partial_path = out_dir / CHECKPOINT_DIR / trajectory_file(settings, temperature_K)
+    n_frames = settings.frames_at(temperature_K)
+    total_segments = settings.equilibration_segments + n_frames
+    reference_lengths = (
+        np.linalg.norm(start.positions[bonds[:, 0]] - start.positions[bonds[:, 1]], axis=1)
+        if len(bonds)
+        else np.zeros(0)
+    )
+
+    atoms = start.copy()
+    rng = _rng_for(settings.seed, temperature_K)
+    if checkpoint_path.exists():
+        state = json.loads(checkpoint_path.read_text())
+        # Set before the FixCom constraint exists, so the stored values are taken exactly.
+        atoms.set_positions(np.array(state["positions"]))
+        atoms.set_momenta(np.array(state["momenta"]))
+        rng.bit_generator.state = state["rng"]
+        segments_done = state["segments_done"]
+        with open(partial_path, "r+b") as handle:  # drop a frame written after the last checkpoint
+            handle.truncate(state["partial_bytes"])
+        max_stretch = state["max_bond_stretch_A"]
+    else:
+        # ASE 3.29 renamed MaxwellBoltzmannDistribution; both draw the same numbers from rng.
+        thermalize = getattr(velocitydistribution, "thermalize_momenta", None)
+        thermalize = thermalize or velocitydistribution.MaxwellBoltzmannDistribution
+        thermalize(atoms, temperature_K=temperature_K, rng=rng)
+        velocitydistribution.Stationary(atoms)
+        segments_done = 0
+        partial_path.write_bytes(b"")
+        max_stretch = 0.0
+    atoms.set_constraint(FixCom())
+    atoms.calc = xtb_calculator(settings.method, charge, unpaired, settings.electronic_temperature_K)
+    dynamics = Langevin(
+        atoms,
+        timestep=settings.timestep_fs * units.fs,
+        temperature_K=temperature_K,
+        friction=settings.friction_per_fs / units.fs,
+        fixcm=False,  # FixCom does this correctly; Langevin's own fixcm is deprecated in ASE
+        rng=rng,
+    )
+    if progress is not None:
+        progress.set_description(f"{settings.name} {temperature_tag(temperature_K)}")
+    written = 0
+    while segments_done < total_segments:
+        try:
+            dynamics.run(settings.steps_per_frame)
+        except Exception as error:
+            if type(error).__name__ == "CalculationFailed":
+                raise GGNDError(
+                    f"xTB failed at {temperature_K:g} K after {segments_done * settings.spacing_fs:g} fs of "
+                    f"MD ({error}); lower --timestep-fs or the temperature"
+                ) from error
+            raise
+        segments_done += 1
+        time_fs = segments_done * settings.spacing_fs
+        max_stretch = max(
+            max_stretch, _check_bonds(atoms, bonds, reference_lengths, settings, temperature_K, time_fs)
+        )
+        is_frame = segments_done > settings.equilibration_segments
+        if is_frame:
+            with open(partial_path, "a") as handle:
+                write(handle, _label_frame(atoms, settings, temperature_K, time_fs), format="extxyz")
+        state = {
+            "temperature_K": temperature_K,
+            "segments_done": segments_done,
+            "positions": atoms.get_positions().tolist(),
+            "momenta": atoms.get_momenta().tolist(),
+            "rng": rng.bit_generator.state,
+            "partial_bytes": partial_path.stat().st_size,
+            "max_bond_stretch_A": max_stretch,
+        }
+        _write_json_atomically(checkpoint_path, state)
+        if progress is not None:
+            progress.update(1)
+        if is_frame:
+            written += 1
+            if stop_after_frames is not None and frames_done + written >= stop_after_frames:
+                raise _Stop
+    os.replace(partial_path, out_dir / trajectory_file(settings, temperature_K))
+    checkpoint_path.unlink()
+    return written, max_stretch
+
+
+def _extxyz_blocks(text: str) -> list[str]:
+    """The frames of an extxyz text, each as its exact lines (atom count, comment, one line per atom)."""
+    lines = text.splitlines(keepends=True)
+    blocks, start = [], 0
+    while start < len(lines):
+        n_atoms = int(lines[start])
+        blocks.append("".join(lines[start : start + n_atoms + 2]))
+        start += n_atoms + 2
+    return blocks
+
+
+def _split(settings: GenerationSettings, out_dir: Path) -> None:
+    """Random train/test split of one temperature's frames, copied byte for byte."""
+    full_path = out_dir / trajectory_file(settings, settings.split_at())
+    blocks = _extxyz_blocks(full_path.read_text())
+    # Its own stream, so the split does not depend on how much MD came before.
+    order = np.random.default_rng([settings.seed, 7_000_001]).permutation(len(blocks))
+    train = sorted(order[: settings.split_train].tolist())
+    test = sorted(order[settings.split_train :].tolist())
+    train_name, test_name = split_files(settings)
+    (out_dir / train_name).write_text("".join(blocks[i] for i in train))
+    (out_dir / test_name).write_text("".join(blocks[i] for i in test))
+    full_path.unlink()
+
+
+def file_statistics(path: Path) -> dict:
+    """Frame count and energy/force statistics of one labelled file (for the README and the report)."""
+    from ggnd_plugin.data import read_labelled
+
+    frames = read_labelled(path)
+    energies = np.array([a.info["energy"] for a in frames])
+    forces = np.concatenate([a.arrays["forces"] for a in frames])
+    kinetic = np.array([a.info.get("kinetic_temperature_K", np.nan) for a in frames])
+    return {
+        "frames": len(frames),
+        "atoms": len(frames[0]),
+        "energy_mean_eV": float(energies.mean()),
+        "energy_std_eV": float(energies.std()),
+        "energy_min_eV": float(energies.min()),
+        "energy_max_eV": float(energies.max()),
+        "force_rms_eV_per_A": float(np.sqrt((forces**2).mean())),
+        "force_max_abs_eV_per_A": float(np.abs(forces).max()),
+        "kinetic_temperature_mean_K": float(np.nanmean(kinetic)),
+        "bytes": path.stat().st_size,
+    }
+
+
+def _readme(settings: GenerationSettings, out_dir_as_given: str, record: dict) -> str:
+    lines = [
+        f"# {settings.name}: {settings.method} reference data made by ggnd-plugin",
+        "",
+        f"Molecule: SMILES `{settings.smiles}` ({record['atoms']} atoms with hydrogens), 3D geometry from "
+        f"RDKit (seeded embedding, MMFF optimisation). Total charge {record['charge']}, "
+        f"{record['unpaired_electrons']} unpaired electrons.",
+        "",
+        "Made with:",
+        "",
+        "```",
+        settings.command(out_dir_as_given),
+        "```",
+        "",
+        f"Langevin MD (ASE, centre of mass fixed) at each temperature: time step {settings.timestep_fs:g} fs, "
+        f"friction {settings.friction_per_fs:g} 1/fs, {settings.equilibration_segments * settings.spacing_fs:g} fs "
+        f"equilibration from Maxwell-Boltzmann velocities (not written), then one frame every "
+        f"{settings.spacing_fs:g} fs. Labels: {settings.method} (tblite, electronic temperature "
+        f"{settings.electronic_temperature_K:g} K, every SCF from the same guess, one OpenMP thread). "
+        f"Seed {settings.seed}.",
+        "",
+        "Units: energy eV, positions Å, forces eV/Å. extxyz keys: `energy`, `temperature_K` (thermostat "
+        "target), `kinetic_temperature_K`, `time_fs` (since the start of the MD, equilibration included), "
+        "`method` in the frame info; `forces` per atom. `ase.io.read` and `ggnd_plugin.data.read_labelled` "
+        "read them.",
+        "",
+    ]
+    if settings.split_train is not None:
+        train_name, test_name = split_files(settings)
+        lines += [
+            f"The {settings.split_at():g} K trajectory is split at random (seed {settings.seed}) into "
+            f"`{train_name}` ({settings.split_train} frames) and `{test_name}` (the rest); frames keep their "
+            "trajectory order.",
+            "",
+        ]
+    lines += [
+        "| file | frames | E mean (eV) | E std (eV) | force RMS (eV/Å) | max abs(F) (eV/Å) | mean kinetic T (K) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, stats in record["files"].items():
+        lines.append(
+            f"| {name} | {stats['frames']} | {stats['energy_mean_eV']:.4f} | {stats['energy_std_eV']:.4f} | "
+            f"{stats['force_rms_eV_per_A']:.4f} | {stats['force_max_abs_eV_per_A']:.3f} | "
+            f"{stats['kinetic_temperature_mean_K']:.0f} |"
+        )
+    lines += ["", "Package versions:", ""]
+    lines += [f"- {package} {version}" for package, version in record["versions"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def generate(
+    settings: GenerationSettings,
+    out_dir: str | Path,
+    resume: bool = False,
+    show_progress: bool = True,
+    stop_after_frames: int | None = None,
+) -> GenerationResult:
+    """Run (or continue) the MD and labelling; write the extxyz files, ``generation.json`` and README.md.
+
+    ``stop_after_frames`` stops after that many frames in total (as an interruption would), leaving a
+    checkpoint that ``resume=True`` continues from; the result then has ``complete=False``.
+    """
+    require_xtb()
+    out_dir_as_given = str(out_dir)
+    out_dir = Path(out_dir)
+    checkpoint_dir = out_dir / CHECKPOINT_DIR
+    settings_path = checkpoint_dir / "settings.json"
+    record_path = out_dir / RECORD_FILE
+
+    if record_path.exists():
+        previous = GenerationSettings.from_json(json.loads(record_path.read_text())["settings"])
+        if resume and previous == settings:
+            files = [out_dir / name for name in output_files(settings)]
+            record = json.loads(record_path.read_text())
+            counts = {name: stats["frames"] for name, stats in record["files"].items()}
+            return GenerationResult(out_dir, files, counts, record["files"])
+        raise GGNDError(f"{out_dir} already holds a finished generation ({RECORD_FILE}); choose another -o")
+    if settings_path.exists():
+        if not resume:
+            raise GGNDError(
+                f"{out_dir} holds an unfinished generation; pass --resume to continue it or choose another -o"
+            )
+        stored = GenerationSettings.from_json(json.loads(settings_path.read_text()))
+        if stored != settings:
+            changed = [
+                f"{f.name} ({getattr(stored, f.name)!r} -> {getattr(settings, f.name)!r})"
+                for f in fields(GenerationSettings)
+                if getattr(stored, f.name) != getattr(settings, f.name)
+            ]
+            raise GGNDError(
+                f"--resume: the settings differ from those of the run in {out_dir}: {', '.join(changed)}"
+            )
+    elif resume and out_dir.exists() and any(out_dir.iterdir()):
+        raise GGNDError(f"--resume: {out_dir} holds no generation checkpoint to continue from")
+    elif out_dir.exists() and any((out_dir / name).exists() for name in output_files(settings)):
+        raise GGNDError(f"{out_dir} already holds output files; choose another -o")
+
+    start, bonds, charge, unpaired = molecule_from_smiles(settings.smiles, settings.seed)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if not settings_path.exists():
+        _write_json_atomically(settings_path, settings.to_json())
+
+    progress = None
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        segments = sum(
+            settings.equilibration_segments + settings.frames_at(t) for t in settings.temperatures_K
+        )
+        progress = tqdm(total=segments, unit="segment", desc=settings.name, dynamic_ncols=True)
+        for temperature in settings.temperatures_K:
+            done_path = out_dir / trajectory_file(settings, temperature)
+            checkpoint_path = checkpoint_dir / f"{temperature_tag(temperature)}.json"
+            if done_path.exists():
+                progress.update(settings.equilibration_segments + settings.frames_at(temperature))
+            elif checkpoint_path.exists():
+                progress.update(json.loads(checkpoint_path.read_text())["segments_done"])
+
+    max_stretch_path = checkpoint_dir / "max_bond_stretch.json"
+    max_stretches = json.loads(max_stretch_path.read_text()) if max_stretch_path.exists() else {}
+    frames_done = 0
+    try:
+        with one_openmp_thread():
+            for temperature in settings.temperatures_K:
+                if (out_dir / trajectory_file(settings, temperature)).exists():
+                    continue
+                written, max_stretch = _run_temperature(
+                    temperature,
+                    settings,
+                    start,
+                    bonds,
+                    charge,
+                    unpaired,
+                    out_dir,
+                    progress,
+                    stop_after_frames,
+                    frames_done,
+                )
+                frames_done += written
+                max_stretches[temperature_tag(temperature)] = max_stretch
+                _write_json_atomically(max_stretch_path, max_stretches)
+    except _Stop:
+        return GenerationResult(out_dir, [], {}, complete=False)
+    finally:
+        if progress is not None:
+            progress.close()
+
+    if settings.split_train is not None:
+        _split(settings, out_dir)
+    files = [out_dir / name for name in output_files(settings)]
+    statistics = {path.name: file_statistics(path) for path in files}
+    record = {
+        "settings": settings.to_json(),
+        "command": settings.command(out_dir_as_given),
+        "versions": package_versions(),
+        "atoms": len(start),
+        "charge": int(charge),
+        "unpaired_electrons": int(unpaired),
+        "units": {"energy": "eV", "positions": "Å", "forces": "eV/Å", "time": "fs", "temperature": "K"},
+        "max_bond_stretch_A": max_stretches,
+        "files": statistics,
+    }
+    (out_dir / "README.md").write_text(_readme(settings, out_dir_as_given, record))
+    _write_json_atomically(record_path, record)
+    for leftover in checkpoint_dir.iterdir():
+        leftover.unlink()
+    checkpoint_dir.rmdir()
+    counts = {name: stats["frames"] for name, stats in statistics.items()}
+    return GenerationResult(out_dir, files, counts, statistics)
