@@ -1,0 +1,375 @@
+"""``ggnd-mace-train``: MACE's own ``mace_run_train`` with a GGND block in the model.
+
+Every ``mace_run_train`` option works as before (including ``--config run.yaml``, whose YAML may also
+hold the ``ggnd_*`` keys). Added options:
+
+``--ggnd``                    wrap the model MACE builds (from scratch or from ``--foundation_model``)
+                              with a GGND block
+``--ggnd_config FILE.yaml``   GGND options from a file (implies ``--ggnd``)
+``--ggnd_<option> VALUE``     any :class:`~ggnd_plugin.block.GGNDConfig` option, e.g. ``--ggnd_channels 16
+                              --ggnd_lmax 1 --ggnd_heads 4 --ggnd_steps 3 --ggnd_horizon 1.0
+                              --ggnd_variant diffusion --ggnd_r_g 10.0`` (``none`` for no value)
+``--ggnd_lr_factor F``        learning rate of the GGND parameters relative to ``--lr`` (default 1)
+
+The result is MACE's usual ``<name>.model`` (a pickled :class:`~ggnd_plugin.adapters.mace.GGNDMACE`),
+which ``MACECalculator``, TorchSim's ``MaceModel`` and ``ggnd`` load. MACE's TorchScript export
+(``<name>_compiled.model``) is skipped by MACE itself for such a model: the GGND block is not scriptable.
+
+The patch (:func:`ggnd_training_patch`): ``mace_run_train`` has no extension point. Its model types and
+``_build_model`` are hard-coded, and ``get_params_options`` builds the optimizer groups from MACE's named
+submodules only, so any added module would silently stay at its initial weights. For the duration of one
+run this module replaces exactly two names in ``mace.cli.run_train``:
+
+* ``configure_model``: calls MACE's own, then wraps the model with GGND (fusion readout at zero);
+* ``get_params_options``: calls MACE's own, then adds a ``ggnd`` group and checks that every GGND
+  parameter is in exactly one group.
+
+:func:`check_patch_targets` fails loudly when a MACE release moves or renames either; the tests call it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import subprocess
+import sys
+import typing
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from ggnd_plugin.block import GGNDConfig
+from ggnd_plugin.errors import GGNDError
+
+PREFIX = "ggnd_"
+SUPPORTED_MODELS = ("MACE", "ScaleShiftMACE")
+# (function name in mace.cli.run_train, parameters it must still take): what the patch relies on.
+PATCH_TARGETS = {
+    "configure_model": (
+        "args",
+        "train_loader",
+        "atomic_energies",
+        "model_foundation",
+        "heads",
+        "z_table",
+        "head_configs",
+    ),
+    "get_params_options": ("args", "model"),
+}
+
+HELP = {
+    "channels": "channels per degree of the diffusion state",
+    "lmax": "highest degree of the diffusion state (0-3)",
+    "heads": "attention heads (must divide channels)",
+    "steps": "solver steps K from t=0 to the horizon",
+    "horizon": "diffusion stopping time T",
+    "solver": "euler or rk4",
+    "variant": "diffusion (GGND), local (diffusion within the MACE cutoff) or mp (one all-pairs MP layer)",
+    "r_g": "global pair radius in Å; none: every pair (molecules only)",
+    "chunk_size": "evaluate pairs in blocks of this many atoms (linear memory); none: all at once",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------------
+def _optional(kind):
+    def parse(text: str):
+        return None if str(text).lower() in ("none", "null", "") else kind(text)
+
+    parse.__name__ = f"{kind.__name__} or none"
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    value = str(text).lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parser_type(annotation) -> Any:
+    """The argparse type for a GGNDConfig field: int, float, str, bool, or one of them or None."""
+    arguments = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    optional = type(None) in typing.get_args(annotation)
+    kind = arguments[0] if optional and arguments else annotation
+    kind = {bool: _boolean}.get(kind, kind)
+    if kind not in (int, float, str, _boolean):
+        kind = str
+    return _optional(kind) if optional else kind
+
+
+def add_ggnd_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("GGND (ggnd-plugin)")
+    group.add_argument("--ggnd", action="store_true", help="add a GGND block to the model")
+    group.add_argument(
+        "--ggnd_config", type=str, default=None, help="YAML file of GGND options (implies --ggnd)"
+    )
+    group.add_argument(
+        "--ggnd_lr_factor",
+        type=float,
+        default=1.0,
+        help="learning rate of the GGND parameters relative to --lr",
+    )
+    hints = typing.get_type_hints(GGNDConfig)
+    for field in fields(GGNDConfig):
+        group.add_argument(
+            f"--{PREFIX}{field.name}",
+            type=_parser_type(hints[field.name]),
+            default=None,
+            help=f"{HELP.get(field.name, 'GGNDConfig.' + field.name)} (default: {field.default})",
+        )
+
+
+def split_ggnd_arguments(args: argparse.Namespace) -> tuple[argparse.Namespace, GGNDConfig | None, float]:
+    """MACE's namespace without the GGND options, the GGND config (None: no GGND), the lr factor."""
+    values = vars(args)
+    enabled = bool(values.pop("ggnd", False))
+    config_file = values.pop(f"{PREFIX}config", None)
+    lr_factor = values.pop(f"{PREFIX}lr_factor", 1.0)
+    explicit = {}
+    for field in fields(GGNDConfig):
+        value = values.pop(f"{PREFIX}{field.name}", None)
+        if value is not None:
+            explicit[field.name] = value
+    if config_file is None and not enabled:
+        if explicit:
+            raise GGNDError(
+                f"GGND options {sorted('--' + PREFIX + name for name in explicit)} were given without --ggnd"
+            )
+        return args, None, lr_factor
+    base: dict[str, Any] = {}
+    if config_file is not None:
+        if not Path(config_file).exists():
+            raise GGNDError(f"--ggnd_config {config_file}: no such file")
+        try:
+            base = GGNDConfig.from_file(config_file).to_dict()
+        except ValueError as error:
+            raise GGNDError(str(error)) from error
+    try:
+        config = GGNDConfig.from_dict({**base, **explicit})
+    except ValueError as error:
+        raise GGNDError(str(error)) from error
+    return args, config, lr_factor
+
+
+# --------------------------------------------------------------------------------------------------
+# The patch of mace_run_train
+# --------------------------------------------------------------------------------------------------
+def check_patch_targets() -> None:
+    """Raise GGNDError unless ``mace.cli.run_train`` still has what :func:`ggnd_training_patch` replaces."""
+    from mace.cli import run_train
+
+    from ggnd_plugin.adapters.mace import MACEAdapter
+
+    version = MACEAdapter().version()
+    for name, expected in PATCH_TARGETS.items():
+        function = getattr(run_train, name, None)
+        if not callable(function):
+            raise GGNDError(
+                f"mace-torch {version}: mace.cli.run_train no longer uses '{name}'; ggnd-mace-train was "
+                "written for mace-torch 0.3.16 and cannot add the GGND block to this version"
+            )
+        parameters = tuple(inspect.signature(function).parameters)
+        if parameters[: len(expected)] != expected:
+            raise GGNDError(
+                f"mace-torch {version}: mace.cli.run_train.{name} now takes {parameters}, expected "
+                f"{expected}; ggnd-mace-train was written for mace-torch 0.3.16"
+            )
+    source = inspect.getsource(run_train.run)
+    for name in PATCH_TARGETS:
+        if f"{name}(" not in source:
+            raise GGNDError(f"mace-torch {version}: mace.cli.run_train.run no longer calls {name}()")
+
+
+def ggnd_param_group(args, model, lr_factor: float) -> dict[str, Any]:
+    from ggnd_plugin.adapters.mace import GGNDMACE
+
+    if not isinstance(model, GGNDMACE):
+        raise GGNDError(f"expected a MACE model with GGND, got {type(model).__name__}")
+    return {
+        "name": "ggnd",
+        "params": [p for p in model.ggnd.parameters() if p.requires_grad],
+        "weight_decay": 0.0,
+        "lr": lr_factor * args.lr,
+    }
+
+
+def with_ggnd_group(options: dict[str, Any], args, model, lr_factor: float) -> dict[str, Any]:
+    """MACE's optimizer options plus the GGND group, checked: every GGND parameter in exactly one group."""
+    groups = [dict(group, params=list(group["params"])) for group in options["params"]]
+    groups.append(ggnd_param_group(args, model, lr_factor))
+    counts: dict[int, int] = {}
+    for group in groups:
+        for parameter in group["params"]:
+            counts[id(parameter)] = counts.get(id(parameter), 0) + 1
+    missing = [name for name, p in model.ggnd.named_parameters() if counts.get(id(p), 0) != 1]
+    if missing:
+        raise GGNDError(f"GGND parameters {missing} are not in exactly one optimizer group")
+    return dict(options, params=groups)
+
+
+@contextmanager
+def ggnd_training_patch(config: GGNDConfig, lr_factor: float = 1.0) -> Iterator[None]:
+    """Within this context, ``mace.cli.run_train.run`` builds and trains a model with GGND.
+
+    See the module docstring for what is replaced and why; both names are restored on exit.
+    """
+    from mace.cli import run_train
+
+    from ggnd_plugin.adapters.mace import attach_ggnd
+
+    check_patch_targets()
+    original_configure = run_train.configure_model
+    original_params = run_train.get_params_options
+
+    def configure_model(args, *rest, **kwargs):
+        model, output_args = original_configure(args, *rest, **kwargs)
+        if type(model).__name__ not in SUPPORTED_MODELS:
+            raise GGNDError(
+                f"--ggnd adds an energy term: it needs an energy model (--model MACE), got {type(model).__name__}"
+            )
+        upgraded = attach_ggnd(model, config)
+        logging.info("GGND block added: %s", upgraded.ggnd.extra_repr())
+        logging.info(
+            "GGND parameters: %d (MACE: %d)",
+            sum(p.numel() for p in upgraded.ggnd.parameters()),
+            sum(p.numel() for p in model.parameters()),
+        )
+        return upgraded, output_args
+
+    def get_params_options(args, model):
+        return with_ggnd_group(original_params(args, model), args, model, lr_factor)
+
+    run_train.configure_model = configure_model
+    run_train.get_params_options = get_params_options
+    try:
+        yield
+    finally:
+        run_train.configure_model = original_configure
+        run_train.get_params_options = original_params
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from mace import tools
+
+    parser = tools.build_default_arg_parser()
+    parser.prog = "ggnd-mace-train"
+    parser.description = "mace_run_train with an optional GGND block (--ggnd, --ggnd_* options)."
+    add_ggnd_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mace.cli import run_train
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args, config, lr_factor = split_ggnd_arguments(args)
+        if config is None:
+            run_train.run(args)
+            return 0
+        if args.model not in SUPPORTED_MODELS:
+            raise GGNDError(f"--ggnd needs an energy model: --model {' or '.join(SUPPORTED_MODELS)}")
+        with ggnd_training_patch(config, lr_factor):
+            run_train.run(args)
+    except GGNDError as error:
+        print(f"ggnd-mace-train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# MACEAdapter.fit: the same command in a subprocess (MACE's run sets process-wide dtype and logging)
+# --------------------------------------------------------------------------------------------------
+SIZES = {
+    "tiny": {
+        "hidden_irreps": "8x0e+8x1o",
+        "r_max": 4.0,
+        "num_interactions": 2,
+        "max_L": 1,
+        "correlation": 2,
+        "MLP_irreps": "8x0e",
+        "batch_size": 4,
+    },
+    "small": {
+        "hidden_irreps": "32x0e+32x1o",
+        "r_max": 5.0,
+        "num_interactions": 2,
+        "max_L": 1,
+        "correlation": 3,
+        "MLP_irreps": "16x0e",
+        "batch_size": 5,
+    },
+}
+
+
+def fit_command(
+    train: Path,
+    valid: Path,
+    work_dir: Path,
+    config: GGNDConfig | None,
+    epochs: int,
+    seed: int,
+    size: str,
+) -> tuple[list[str], Path]:
+    """The ggnd-mace-train command line that :meth:`MACEAdapter.fit` runs, and the model it writes."""
+    if size not in SIZES:
+        raise GGNDError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
+    work_dir = Path(work_dir)
+    name = "mace-ggnd" if config is not None else "mace"
+    options = {
+        "name": name,
+        "seed": seed,
+        "train_file": str(train),
+        "valid_file": str(valid),
+        "work_dir": str(work_dir),
+        "model": "MACE",
+        "max_num_epochs": epochs,
+        "energy_key": "energy",
+        "forces_key": "forces",
+        "E0s": "average",
+        "default_dtype": "float64",
+        "device": "cpu",
+        "lr": 0.01,
+        "scaling": "rms_forces_scaling",
+        "error_table": "PerAtomRMSE",
+        **SIZES[size],
+    }
+    command = [sys.executable, "-m", "ggnd_plugin.adapters.mace_train"]
+    for key, value in options.items():
+        command += [f"--{key}", str(value)]
+    if config is not None:
+        command.append("--ggnd")
+        for key, value in config.to_dict().items():
+            command += [f"--{PREFIX}{key}", "none" if value is None else str(value)]
+    return command, work_dir / f"{name}.model"
+
+
+def run_fit(command: list[str], work_dir: Path) -> None:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log = work_dir / "ggnd-mace-train.log"
+    with open(log, "w") as handle:
+        handle.write(json.dumps(command) + "\n")
+        handle.flush()
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ))
+    if result.returncode != 0:
+        tail = log.read_text().splitlines()[-15:]
+        raise GGNDError(
+            f"ggnd-mace-train failed (exit {result.returncode}); end of {log}:\n" + "\n".join(tail)
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
