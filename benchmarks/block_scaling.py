@@ -18,23 +18,24 @@ median is reported, together with the minimum and maximum; for a case whose warm
 the warm-up itself is the timing (``repeats`` 0): first-call costs are negligible there and a repeat
 would not beat the noise of the shared machine.
 
-Peak memory: every case runs in a fresh subprocess, and memory is the rise of the process's
-resident-set high-water mark (``ru_maxrss``) above its value after setup (imports, model, inputs), read
-in two phases:
+Peak memory: the rise of the process's resident-set high-water mark (``ru_maxrss``) above its value
+after setup (imports, model, inputs), read in fresh subprocesses, two numbers per case:
 
-1. ``rss_peak_default_allocator_bytes``: during the warm-up and the timed repeats, with the allocator as
-   users run it (glibc defaults). This is what the process really took from the machine, but glibc keeps
-   freed blocks of up to 32 MiB in its heap (its mmap threshold rises each time a large block is freed),
-   so it overstates what the computation needs, the more so the more blocks a case frees (chunked).
-2. ``peak_bytes`` (the working set): then ``mallopt(M_MMAP_THRESHOLD, 128 KiB)`` pins the threshold
-   so every tensor of 128 KiB or more gets its own mapping and is returned to the system when freed,
-   ``malloc_trim`` releases what the heap kept, the high-water mark is reset (``/proc/self/clear_refs``),
-   and one more evaluation runs. The rise of the mark is then the peak of live memory, up to page
-   rounding and small-object noise (~1 MiB). Not timed: fresh mappings cost page faults (2-2.5x slower).
+1. ``rss_peak_default_allocator_bytes``: in the timing subprocess (warm-up and timed repeats), with
+   glibc's allocator as users run it. This is what the process took from the machine, but glibc raises
+   its mmap threshold (up to 32 MiB) each time a large block is freed, after which blocks of that size
+   come from the heap and stay resident when freed: it overstates what the computation needs.
+2. ``peak_bytes`` (the working set): a second subprocess started with ``MALLOC_MMAP_THRESHOLD_=131072``
+   in its environment, which fixes glibc's threshold from the first allocation (and switches off its
+   dynamic raising), so every block of 128 KiB or more has its own mapping and leaves RSS when freed.
+   The first evaluation is measured (after a warm-up, freed small blocks would be reused from the heap
+   unseen). The rise is the peak of live memory up to page rounding and small-object noise (a few MiB,
+   including first-call allocations). An earlier version pinned the threshold with ``mallopt`` in
+   the timing process after the timed runs; that overstated chunked cases about 4x (826 MiB against 199
+   MiB at N = 1000, measured side by side), because the heap had already grown.
 
 The mark only rises when memory is touched, so both count what the operating system had to provide,
-not what was reserved. Without glibc or ``/proc`` the second phase is skipped and ``peak_bytes`` is the
-first number (``peak_bytes_method`` says which).
+not what was reserved.
 
 Safety on a shared machine: before a case runs, its peak is predicted from the largest case of the same
 mode already measured (memory proportional to the number of pairs for dense, to N for chunked); a case
@@ -85,7 +86,6 @@ QUICK_BATCH = (8, 27)
 TAIL_FROM = 300  # N from which the large-N exponent is fitted
 LONG_CASE_SECONDS = 30.0
 PINNED_MMAP_THRESHOLD = 128 * 1024  # bytes; glibc's initial value
-M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
 DEFAULT_RSS = "rss_peak_default_allocator_bytes"
 SAFETY_MARGIN = 4 * 2**30  # bytes of available memory left to the other jobs on the machine
 
@@ -158,7 +158,16 @@ def run_case(case: dict) -> dict:
     # building it during setup would raise the baseline high-water mark and hide part of the peak.
     record = {"pair_count": n_systems * n_per * n_per, "pair_table_bytes": n_atoms * n_per * 9}
     try:
-        # Phase 1, the allocator as users run it: time, and the resident memory the process reaches.
+        if case.get("phase") == "memory":
+            # The environment fixed glibc's mmap threshold before the first allocation (see docstring).
+            # The first evaluation: after a warm-up, blocks below the threshold that the warm-up freed
+            # would be reused from the heap without raising the mark (a 64 x 27 batch then reads 0).
+            baseline = max_rss_bytes()
+            energy, forces = energy_and_forces()
+            peak = max_rss_bytes() - baseline
+            if not (torch.isfinite(energy).all() and torch.isfinite(forces).all()):
+                raise SystemExit("non-finite energy or forces")
+            return {"peak_bytes": peak, "peak_bytes_method": "working set (MALLOC_MMAP_THRESHOLD_=131072)"}
         baseline = max_rss_bytes()
         start = time.perf_counter()
         energy, forces = energy_and_forces()  # warm-up
@@ -174,12 +183,6 @@ def run_case(case: dict) -> dict:
             # the shared machine, so the warm-up is the timing.
             times = [warm_up]
         default_peak = max_rss_bytes() - baseline
-        # Phase 2, the working set: freed tensors go back to the system at once, so RSS follows live memory.
-        working_set_peak = None
-        if pin_mmap_threshold() and reset_rss_high_water_mark():
-            baseline_pinned = max_rss_bytes()
-            energy, forces = energy_and_forces()
-            working_set_peak = max_rss_bytes() - baseline_pinned
     except (RuntimeError, MemoryError) as error:
         message = str(error).splitlines()[0][:200]
         return {**record, "skipped": f"allocation failed under the address-space cap: {message}"}
@@ -192,58 +195,26 @@ def run_case(case: dict) -> dict:
         "warm_up_seconds": warm_up,
         "seconds_min": min(times),
         "seconds_max": max(times),
-        "peak_bytes": working_set_peak if working_set_peak is not None else default_peak,
-        "peak_bytes_method": "working set (mmap threshold pinned)"
-        if working_set_peak is not None
-        else "RSS high-water, default allocator",
         "rss_peak_default_allocator_bytes": default_peak,
         "setup_rss_bytes": baseline,
         "force_rms": float(forces.pow(2).mean().sqrt()),
     }
 
 
-def pin_mmap_threshold(threshold: int = PINNED_MMAP_THRESHOLD) -> bool:
-    """glibc: serve every allocation >= threshold by its own mmap, returned to the system when freed.
-
-    By default glibc raises this threshold (up to 32 MiB) each time a large block is freed, after which
-    blocks of that size come from the heap and stay resident after they are freed.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        pinned = libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1
-        libc.malloc_trim(0)
-        return pinned
-    except (OSError, AttributeError):
-        return False
-
-
-def reset_rss_high_water_mark() -> bool:
-    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM, ru_maxrss) to the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
 def predicted_peak(case: dict, measured: list[dict]) -> float | None:
-    """Resident memory the next case may reach, from the largest measured case of the same mode.
+    """Working set of the next case, from the largest measured case of the same mode scaled by pairs.
 
-    Scaled by the number of pairs for both modes: exact for dense, and an upper bound for chunked, whose
-    resident memory under glibc's default allocator grows faster than its working set (see README).
+    Exact for dense and an upper bound for chunked. The resident memory under glibc's default allocator
+    can exceed it (README); the address-space cap in the subprocess catches that case.
     """
-    same = [r for r in measured if r["mode"] == case["mode"] and r.get("rss_peak_default_allocator_bytes")]
+    same = [r for r in measured if r["mode"] == case["mode"] and r.get("peak_bytes")]
     if not same:
         return None
     ref = max(same, key=lambda r: r["pair_count"])
-    scale = case["pair_count"] / ref["pair_count"]
-    return max(ref["rss_peak_default_allocator_bytes"], ref["peak_bytes"]) * scale
+    return ref["peak_bytes"] * case["pair_count"] / ref["pair_count"]
 
 
 def available_memory_bytes() -> int | None:
@@ -260,6 +231,8 @@ def available_memory_bytes() -> int | None:
 def run_in_subprocess(case: dict, timeout: float) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)]
     env = {**os.environ, "OMP_NUM_THREADS": str(case["threads"]), "MKL_NUM_THREADS": str(case["threads"])}
+    if case.get("phase") == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(PINNED_MMAP_THRESHOLD)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -364,6 +337,18 @@ def print_table(cases: list[dict], exponents: dict) -> None:
     console.print(exp)
 
 
+def _key(record: dict) -> tuple[str, int, int]:
+    return record["mode"], record["n_atoms"], record["n_systems"]
+
+
+def _parse_only(text: str) -> tuple[str, int, int]:
+    parts = text.split(":")
+    if parts[0] not in ("dense", "chunked") or len(parts) not in (2, 3):
+        raise SystemExit(f"--only {text!r}: expected MODE:N or MODE:N:SYSTEMS with MODE dense or chunked")
+    systems = int(parts[2]) if len(parts) == 3 else 1
+    return parts[0], int(parts[1]), systems  # N counts all atoms: a batch of 64 x 27 is chunked:1728:64
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small N only (smoke run)")
@@ -375,6 +360,19 @@ def main(argv: list[str] | None = None) -> int:
         "--memory-budget-gib", type=float, default=14.0, help="skip cases predicted to need more"
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="MODE:N[:SYSTEMS]",
+        help="run only these cases (e.g. dense:1000 chunked:1728:64) and merge them into --out",
+    )
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        choices=("time", "memory"),
+        default=["time", "memory"],
+        help="what to measure; a phase left out keeps its numbers from --out",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args(argv)
 
@@ -389,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     plan += [(mode, batch[0] * batch[1], batch[0]) for mode in ("dense", "chunked")]
     machine = machine_info(args.threads)
     cases: list[dict] = []
+    previous: dict[tuple, dict] = {}
+    if (args.only or set(args.phases) != {"time", "memory"}) and out.exists():
+        previous = {_key(r): r for r in json.loads(out.read_text())["cases"]}
+    if args.only:
+        wanted = {_parse_only(text) for text in args.only}
+        cases = [previous[key] for key in previous if key not in wanted]
+        plan = [item for item in plan if item in wanted] + sorted(wanted - set(plan))
     for mode, n_atoms, n_systems in plan:
         per = n_atoms // n_systems
         case = {
@@ -418,10 +423,21 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             print(f"{mode:8s} {n_systems} x {per} atoms ...", file=sys.stderr, flush=True)
-            record.update(run_in_subprocess(case, args.timeout))
+            before = previous.get((mode, n_atoms, n_systems), {})
+            if "time" in args.phases:
+                record.update(run_in_subprocess({**case, "phase": "time"}, args.timeout))
+            else:  # keep the timing measured earlier
+                record.update({k: v for k, v in before.items() if k not in record and "peak_bytes" not in k})
+                record.pop("skipped", None)
+            if "memory" in args.phases and "skipped" not in record:
+                record.update(run_in_subprocess({**case, "phase": "memory"}, args.timeout))
+            elif "memory" not in args.phases:
+                record.update({k: before[k] for k in ("peak_bytes", "peak_bytes_method") if k in before})
             record.setdefault("seconds", None)
             record.setdefault("peak_bytes", None)
         cases.append(record)
+    order = {_key(r): r for r in cases}
+    cases = [order[key] for key in sorted(order, key=lambda k: (k[2] > 1, k[0] != "dense", k[1]))]
     exponents = growth_exponents(cases)
     result = {"cases": cases, "exponents": exponents, "machine": machine, "config": "GGNDConfig() defaults"}
     out.parent.mkdir(parents=True, exist_ok=True)
