@@ -532,5 +532,5 @@ class MACEAdapter(HostAdapter):
 
         self.require()
         command, model_path = fit_command(train, valid, work_dir, config, epochs, seed, size)
-        run_fit(command, Path(work_dir))
+        run_fit(command, Path(work_dir), epochs, label=Path(work_dir).name)
         return self.load(model_path)

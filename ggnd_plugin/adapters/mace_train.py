@@ -304,6 +304,15 @@ SIZES = {
         "batch_size": 4,
     },
     "small": {
+        "hidden_irreps": "16x0e+16x1o",
+        "r_max": 5.0,
+        "num_interactions": 2,
+        "max_L": 1,
+        "correlation": 2,
+        "MLP_irreps": "16x0e",
+        "batch_size": 5,
+    },
+    "medium": {
         "hidden_irreps": "32x0e+32x1o",
         "r_max": 5.0,
         "num_interactions": 2,
@@ -350,25 +359,56 @@ def fit_command(
     command = [sys.executable, "-m", "ggnd_plugin.adapters.mace_train"]
     for key, value in options.items():
         command += [f"--{key}", str(value)]
+    model_path = work_dir / f"{name}.model"
+    if epochs >= 4:
+        # MACE's usual recipe: a final stage with energy weight 1000 (forces 100). Without it a short
+        # fit learns forces but leaves the per-atom energy offset barely trained.
+        command += ["--stage_two", "--start_stage_two", str(max(1, round(0.7 * epochs)))]
+        model_path = work_dir / f"{name}_stagetwo.model"
     if config is not None:
         command.append("--ggnd")
         for key, value in config.to_dict().items():
             command += [f"--{PREFIX}{key}", "none" if value is None else str(value)]
-    return command, work_dir / f"{name}.model"
+    return command, model_path
 
 
-def run_fit(command: list[str], work_dir: Path) -> None:
+def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label: str = "mace") -> None:
+    """Run the training command, its output going to ``work_dir/ggnd-mace-train.log``.
+
+    MACE logs one ``Epoch N:`` line per validation; those lines drive a progress bar, so a long fit
+    shows where it is without flooding the terminal with MACE's own log.
+    """
+    import re
+
+    from tqdm import tqdm
+
     work_dir.mkdir(parents=True, exist_ok=True)
     log = work_dir / "ggnd-mace-train.log"
-    with open(log, "w") as handle:
+    epoch_line = re.compile(r"Epoch (\d+):.*?loss=\s*([0-9.eE+-]+)")
+    with open(log, "w") as handle, tqdm(total=epochs, desc=f"{label} (mace_run_train)", unit="epoch") as bar:
         handle.write(json.dumps(command) + "\n")
         handle.flush()
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ))
-    if result.returncode != 0:
-        tail = log.read_text().splitlines()[-15:]
-        raise GGNDError(
-            f"ggnd-mace-train failed (exit {result.returncode}); end of {log}:\n" + "\n".join(tail)
+        # Unbuffered, so each epoch line arrives when MACE logs it rather than when a pipe buffer fills.
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
         )
+        assert process.stdout is not None
+        try:
+            for line in process.stdout:
+                handle.write(line)
+                match = epoch_line.search(line)
+                if match:
+                    bar.update(int(match.group(1)) + 1 - bar.n)
+                    bar.set_postfix(valid_loss=float(match.group(2)))
+            returncode = process.wait()
+        finally:
+            if process.poll() is None:  # interrupted (Ctrl-C): do not leave the training running
+                process.terminate()
+                process.wait()
+    if returncode != 0:
+        tail = log.read_text().splitlines()[-15:]
+        raise GGNDError(f"ggnd-mace-train failed (exit {returncode}); end of {log}:\n" + "\n".join(tail))
 
 
 if __name__ == "__main__":
