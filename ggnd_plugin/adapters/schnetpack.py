@@ -53,8 +53,9 @@ class SchNetPackAdapter(HostAdapter):
     name = "schnetpack"
     distribution = "schnetpack"
     module = "schnetpack"
-    # spktrain writes ``best_model`` without a suffix; files are recognised by content.
-    file_suffixes: tuple[str, ...] = ()
+    # Files are recognised by content (spktrain writes ``best_model`` without a suffix); ``.pt`` is only
+    # the suffix that names written by ggnd-plugin itself (``ggnd demo``) get.
+    file_suffixes: tuple[str, ...] = (".pt",)
 
     # ---- recognising models -------------------------------------------------------------------------
     def recognises_model(self, model: Any) -> bool:
@@ -97,6 +98,31 @@ class SchNetPackAdapter(HostAdapter):
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model, path)
         return path
+
+    def fit(
+        self,
+        train: Path,
+        valid: Path,
+        work_dir: Path,
+        config: GGNDConfig | None = None,
+        epochs: int = 50,
+        seed: int = 0,
+        size: str = "small",
+    ) -> nn.Module:
+        """Train PaiNN (``config=None``) or PaiNN + GGND from scratch with SchNetPack's ``spktrain``.
+
+        The extxyz files become one ASE database in ``work_dir`` (training frames first) with a split
+        file that keeps exactly the given train/valid partition; spktrain runs
+        ``experiment=painn_3bpa`` or ``experiment=ggnd_painn_3bpa`` in a subprocess (see
+        :func:`fit_command`), its output going to ``work_dir/spktrain.log``. Returns its ``best_model``.
+        """
+        self.require()
+        work_dir = Path(work_dir).absolute()
+        command, model_path = fit_command(train, valid, work_dir, config, epochs, seed, size)
+        run_fit(command, work_dir, epochs, label=work_dir.name)
+        if not model_path.is_file():
+            raise GGNDError(f"spktrain finished but wrote no {model_path}; see {work_dir / FIT_LOG}")
+        return self.load(model_path)
 
     def feature_spec(self, model: nn.Module) -> FeatureSpec:
         from ggnd_plugin.adapters.schnetpack_module import SCALAR_KEY, VECTOR_KEY, representation_layout
@@ -306,6 +332,169 @@ class SchNetPackAdapter(HostAdapter):
             self.set_units(model, *parts)
         elif not getattr(model, "ggnd_units", None) and run.get("energy_unit"):
             self.set_units(model, run["energy_unit"], run.get("length_unit") or "Ang")
+
+
+# --------------------------------------------------------------------------------------------------
+# SchNetPackAdapter.fit: spktrain in a subprocess
+# --------------------------------------------------------------------------------------------------
+FIT_LOG = "spktrain.log"
+# Small, fast PaiNN models for ``ggnd demo`` (all with the 5 Å cutoff of the 3BPA experiments).
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"n_atom_basis": 16, "n_interactions": 2, "batch_size": 4, "lr": 1e-3},
+    "small": {"n_atom_basis": 32, "n_interactions": 3, "batch_size": 5, "lr": 1e-3},
+}
+# One line per validation from the checkpoint callback (made verbose by fit_command):
+# "Epoch 3, global step 36: 'val_loss' reached 0.51 (best 0.51), ..." or "... was not in top 1".
+_EPOCH_LINE = r"^Epoch (\d+), global step \d+: 'val_loss' (?:reached ([0-9.eE+-]+))?"
+
+
+def _spktrain_executable() -> list[str]:
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "spktrain"
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which("spktrain")
+    if found:
+        return [found]
+    raise GGNDError(
+        "cannot find SchNetPack's `spktrain` command (is schnetpack installed in this environment?)"
+    )
+
+
+def _hydra_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def fit_command(
+    train: Path,
+    valid: Path,
+    work_dir: Path,
+    config: GGNDConfig | None,
+    epochs: int,
+    seed: int,
+    size: str,
+) -> tuple[list[str], Path]:
+    """Write the database and split for ``spktrain``; return its command line and the model it writes.
+
+    The run is ``work_dir/runs/<painn|ggnd_painn>`` (replaced if it exists: spktrain would otherwise
+    resume it). ``epochs`` is ``trainer.max_epochs``; the test stage spktrain runs after training uses
+    the validation frames.
+    """
+    import shutil
+
+    import numpy as np
+
+    from ggnd_plugin.adapters.schnetpack_data import extxyz_to_spk_db
+    from ggnd_plugin.data import read_labelled
+
+    if size not in SIZES:
+        raise GGNDError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
+    if epochs < 1:
+        raise GGNDError(f"epochs must be at least 1, got {epochs}")
+    train, valid, work_dir = Path(train).absolute(), Path(valid).absolute(), Path(work_dir).absolute()
+    for path in (train, valid):
+        if not path.is_file():
+            raise GGNDError(f"{path}: no such file")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    database, split = work_dir / "data.db", work_dir / "split.npz"
+    n_train = len(read_labelled(train))
+    n_valid = extxyz_to_spk_db([train, valid], database, overwrite=True) - n_train
+    if n_train < 1 or n_valid < 1:
+        raise GGNDError(f"fit needs training and validation frames, got {n_train} and {n_valid}")
+    train_idx, valid_idx = np.arange(n_train), np.arange(n_train, n_train + n_valid)
+    np.savez(split, train_idx=train_idx, val_idx=valid_idx, test_idx=valid_idx)
+    elements = sorted({int(z) for atoms in read_labelled(train) for z in atoms.numbers})
+
+    run_id = "painn" if config is None else "ggnd_painn"
+    run_dir = work_dir / "runs" / run_id
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    options = SIZES[size]
+    overrides = {
+        "experiment": "painn_3bpa" if config is None else "ggnd_painn_3bpa",
+        "run.path": str(work_dir / "runs"),
+        "run.id": run_id,
+        "data.datapath": str(database),
+        "+data.split_file": str(split),
+        "data.num_train": n_train,
+        "data.num_val": n_valid,
+        "data.num_test": n_valid,
+        "data.batch_size": options["batch_size"],
+        "data.num_workers": 0,
+        "globals.cutoff": 5.0,
+        "globals.lr": options["lr"],
+        "model.representation.n_atom_basis": options["n_atom_basis"],
+        "model.representation.n_interactions": options["n_interactions"],
+        "trainer.max_epochs": epochs,
+        "trainer.accelerator": "cpu",
+        "trainer.enable_model_summary": False,
+        "+trainer.enable_progress_bar": False,
+        "callbacks.model_checkpoint.verbose": True,
+        "logger": "csv",
+        "print_config": False,
+        "++seed": seed,
+    }
+    if config is not None:
+        overrides["globals.ggnd_atomic_numbers"] = "[" + ",".join(str(z) for z in elements) + "]"
+        for key, value in config.to_dict().items():
+            overrides[f"++globals.ggnd.{key}"] = _hydra_value(value)
+    command = _spktrain_executable() + [f"{key}={_hydra_value(value)}" for key, value in overrides.items()]
+    return command, run_dir / "best_model"
+
+
+def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label: str = "schnetpack") -> None:
+    """Run ``spktrain`` in ``work_dir``, its output going to ``work_dir/spktrain.log``.
+
+    The checkpoint callback's line per validated epoch drives a progress bar. The subprocess (only)
+    gets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``: spktrain reloads its own Lightning checkpoint, which
+    pickles the model, for its test stage (see docs/hosts/schnetpack.md).
+    """
+    import json
+    import re
+    import subprocess
+
+    from tqdm import tqdm
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log = work_dir / FIT_LOG
+    epoch_line = re.compile(_EPOCH_LINE)
+    env = dict(
+        os.environ,
+        TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1",
+        PYTHONUNBUFFERED="1",
+        HYDRA_FULL_ERROR="1",
+        PWD=str(work_dir),  # hydra searches ${oc.env:PWD}/configs; not the caller's folder
+    )
+    with open(log, "w") as handle, tqdm(total=epochs, desc=f"{label} (spktrain)", unit="epoch") as bar:
+        handle.write(json.dumps(command) + "\n")
+        handle.flush()
+        process = subprocess.Popen(
+            command, cwd=work_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+        )
+        assert process.stdout is not None
+        try:
+            for line in process.stdout:
+                handle.write(line)
+                match = epoch_line.search(line)
+                if match:
+                    bar.update(int(match.group(1)) + 1 - bar.n)
+                    if match.group(2):
+                        bar.set_postfix(valid_loss=float(match.group(2)))
+            returncode = process.wait()
+        finally:
+            if process.poll() is None:  # interrupted (Ctrl-C): do not leave the training running
+                process.terminate()
+                process.wait()
+    if returncode != 0:
+        tail = log.read_text().splitlines()[-20:]
+        raise GGNDError(f"spktrain failed (exit {returncode}); end of {log}:\n" + "\n".join(tail))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ asks for.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +20,29 @@ from ggnd_plugin.errors import GGNDError
 
 
 def extxyz_to_spk_db(
-    source: str | Path, target: str | Path, index: str = ":", overwrite: bool = False
+    source: str | Path | Sequence[str | Path],
+    target: str | Path,
+    index: str = ":",
+    overwrite: bool = False,
 ) -> int:
-    """Write the frames of ``source`` (energy, forces) to a new SchNetPack ASE database; return their count."""
+    """Write the frames of ``source`` (energy, forces) to a new SchNetPack ASE database; return their count.
+
+    ``source`` may be several files: their frames are stored in order (rows 1.. of the first file,
+    then those of the next), ``index`` selecting frames from each.
+    """
     from schnetpack.data import ASEAtomsData
 
     from ggnd_plugin.data import read_labelled
 
-    source, target = Path(source), Path(target)
+    sources = [Path(source)] if isinstance(source, (str, Path)) else [Path(s) for s in source]
+    target = Path(target)
     if target.suffix != ".db":
         raise GGNDError(f"{target}: SchNetPack databases must end in .db")
     if target.exists():
         if not overwrite:
             raise GGNDError(f"{target} exists; remove it or pass --overwrite")
         target.unlink()
-    frames = read_labelled(source, index)
+    frames = [atoms for source in sources for atoms in read_labelled(source, index)]
     target.parent.mkdir(parents=True, exist_ok=True)
     dataset = ASEAtomsData.create(
         str(target), distance_unit="Ang", property_unit_dict={"energy": "eV", "forces": "eV/Ang"}
