@@ -53,7 +53,7 @@ class DemoSettings:
             size="tiny",
             train_frames=40,
             test_frames=10,
-            fit_epochs=4,
+            fit_epochs=2,
             finetune_epochs=1,
             replicas=2,
             time_ps=0.1,
