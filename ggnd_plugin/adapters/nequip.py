@@ -124,6 +124,30 @@ class NequIPAdapter(HostAdapter):
 
         return [module.block for module in ggnd_modules(model)]
 
+    def fit(
+        self,
+        train: Path,
+        valid: Path,
+        work_dir: Path,
+        config: GGNDConfig | None = None,
+        epochs: int = 50,
+        seed: int = 0,
+        size: str = "small",
+    ) -> nn.Module:
+        """Train through ``nequip-train`` in a subprocess; return the best checkpoint, loaded.
+
+        The config is the package's template (``nequip_configs/fit.yaml``) filled in and written to
+        ``work_dir/nequip-fit.yaml``; the log goes to ``work_dir/nequip-train.log``.
+        """
+        self.require()
+        work_dir = Path(work_dir).resolve()
+        config_path = write_fit_config(train, valid, work_dir, config, epochs, seed, size)
+        run_nequip_train(config_path, work_dir, epochs, label=work_dir.name)
+        best = work_dir / "best.ckpt"
+        if not best.exists():
+            raise GGNDError(f"nequip-train finished but wrote no {best}; see {work_dir / FIT_LOG}")
+        return self.load(best)
+
     # ---- what the model knows -----------------------------------------------------------------------
     def type_names(self, model: nn.Module) -> list[str]:
         return list(model.type_names)
@@ -206,6 +230,175 @@ class NequIPAdapter(HostAdapter):
         if dtype != torch.float64:
             raise GGNDError("NequIP's TorchSim wrapper runs in float64 (NequIP positions are float64)")
         return NequIPTorchSimCalc(model.eval(), device=device, transforms=self.transforms(model))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training from scratch (NequIPAdapter.fit): nequip-train with the package's config template
+# --------------------------------------------------------------------------------------------------
+FIT_TEMPLATE = Path(__file__).parent / "nequip_configs" / "fit.yaml"
+FIT_CONFIG_NAME = "nequip-fit"
+FIT_LOG = "nequip-train.log"
+GGND_BUILDER = "ggnd_plugin.adapters.nequip.GGNDNequIPModel"
+# Small, fast NequIP models (float64, CPU); the template turns parity off (fewer irreps, faster).
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "cutoff_radius": 5.0,
+        "train_batch_size": 4,
+        "model": {
+            "l_max": 1,
+            "num_layers": 2,
+            "num_features": 8,
+            "radial_mlp_depth": 1,
+            "radial_mlp_width": 16,
+        },
+    },
+    "small": {
+        "cutoff_radius": 5.0,
+        "train_batch_size": 5,
+        "model": {
+            "l_max": 1,
+            "num_layers": 3,
+            "num_features": 24,
+            "radial_mlp_depth": 1,
+            "radial_mlp_width": 32,
+        },
+    },
+}
+
+
+def _elements(*paths: Path) -> list[str]:
+    """Chemical symbols found in the given structure files, ordered by atomic number."""
+    from ase.data import atomic_numbers
+    from ase.io import iread
+
+    symbols: set[str] = set()
+    for path in paths:
+        try:
+            for atoms in iread(str(path), index=":"):
+                symbols.update(atoms.get_chemical_symbols())
+        except Exception as error:
+            raise GGNDError(f"{path}: cannot read structures ({type(error).__name__}: {error})") from error
+    if not symbols:
+        raise GGNDError(f"no structures in {', '.join(str(p) for p in paths)}")
+    return sorted(symbols, key=atomic_numbers.__getitem__)
+
+
+def fit_config(
+    train: Path,
+    valid: Path,
+    config: GGNDConfig | None,
+    epochs: int,
+    seed: int,
+    size: str,
+) -> dict[str, Any]:
+    """The nequip-train config :meth:`NequIPAdapter.fit` runs: the template with these values filled in."""
+    import yaml
+
+    if size not in SIZES:
+        raise GGNDError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
+    if epochs < 1:
+        raise GGNDError(f"epochs must be at least 1, got {epochs}")
+    for path in (train, valid):
+        if not Path(path).exists():
+            raise GGNDError(f"{path}: no such file")
+    sizes = SIZES[size]
+    values = yaml.safe_load(FIT_TEMPLATE.read_text())
+    values.update(
+        seed=int(seed),
+        train_file=str(Path(train).resolve()),
+        val_file=str(Path(valid).resolve()),
+        cutoff_radius=float(sizes["cutoff_radius"]),
+        model_type_names=_elements(train, valid),
+        max_epochs=int(epochs),
+        train_batch_size=int(sizes["train_batch_size"]),
+    )
+    model = values["training_module"]["model"]
+    model.update(sizes["model"])
+    if config is not None:
+        model["_target_"] = GGND_BUILDER
+        model["ggnd"] = config.to_dict()
+    return values
+
+
+def write_fit_config(
+    train: Path,
+    valid: Path,
+    work_dir: Path,
+    config: GGNDConfig | None,
+    epochs: int,
+    seed: int,
+    size: str,
+) -> Path:
+    """Write :func:`fit_config` to ``work_dir/nequip-fit.yaml`` (removing checkpoints of an earlier run)."""
+    import yaml
+
+    values = fit_config(train, valid, config, epochs, seed, size)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    # Lightning would write best-v1.ckpt next to an old best.ckpt: start from a clean folder.
+    for stale in [*work_dir.glob("best*.ckpt"), *work_dir.glob("last*.ckpt")]:
+        stale.unlink()
+    path = work_dir / f"{FIT_CONFIG_NAME}.yaml"
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def run_nequip_train(
+    config_path: Path, work_dir: Path, epochs: int | None = None, label: str = "nequip"
+) -> None:
+    """Run ``nequip-train`` on ``config_path`` in ``work_dir``, its output going to ``work_dir/nequip-train.log``.
+
+    The checkpoint callback logs one ``Epoch N, global step M: ...`` line per validation; those lines
+    drive a progress bar.
+    """
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from tqdm import tqdm
+
+    config_path = Path(config_path).resolve()
+    work_dir = Path(work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log = work_dir / FIT_LOG
+    command = [
+        sys.executable,
+        "-m",
+        "nequip.scripts.train",
+        "-cp",
+        str(config_path.parent),
+        "-cn",
+        config_path.stem,
+        f"hydra.run.dir={work_dir}",
+    ]
+    epoch_line = re.compile(r"Epoch (\d+), global step \d+: ")
+    best_value = re.compile(r"\(best ([0-9.eE+-]+)\)")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "w") as handle, tqdm(total=epochs, desc=f"{label} (nequip-train)", unit="epoch") as bar:
+        handle.write(" ".join(command) + "\n")
+        handle.flush()
+        process = subprocess.Popen(
+            command, cwd=work_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+        )
+        assert process.stdout is not None
+        try:
+            for line in process.stdout:
+                handle.write(line)
+                match = epoch_line.search(line)
+                if match:
+                    bar.update(int(match.group(1)) + 1 - bar.n)
+                    best = best_value.search(line)
+                    if best:
+                        bar.set_postfix(best_valid=float(best.group(1)))
+            returncode = process.wait()
+        finally:
+            if process.poll() is None:  # interrupted (Ctrl-C): do not leave the training running
+                process.terminate()
+                process.wait()
+    if returncode != 0:
+        tail = log.read_text().splitlines()[-15:]
+        raise GGNDError(f"nequip-train failed (exit {returncode}); end of {log}:\n" + "\n".join(tail))
 
 
 # --------------------------------------------------------------------------------------------------
