@@ -353,9 +353,9 @@ def fit_command(
         "device": "cpu",
         "lr": 0.01,
         # MACE's defaults weigh forces 100 : energy 1, meant for long fits ending in its stage two
-        # (energy weight 1000). Stage two (SWA) fails under torch 2.13 (a buffer-size mismatch in
-        # AveragedModel.update_parameters), so short fits weigh energy 10 instead: without it a
-        # 25-epoch fit leaves the per-atom energy offset barely trained (130 meV/atom MAE).
+        # (energy weight 1000). Stage two (SWA) crashed for the "small" size here (torch 2.13: a
+        # buffer-size mismatch in AveragedModel.update_parameters; "medium" ran), so short fits weigh
+        # energy 10 instead: without it a 25-epoch fit left a 130 meV/atom energy offset.
         "energy_weight": 10.0,
         "forces_weight": 100.0,
         "scaling": "rms_forces_scaling",
