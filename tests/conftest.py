@@ -18,6 +18,28 @@ def _float64():
     torch.set_default_dtype(previous)
 
 
+@pytest.fixture(autouse=True)
+def _e3nn_defaults_restored():
+    """Give every test e3nn's global optimisation defaults as they were before it.
+
+    Host code can change them process-wide (nequip's and MACE's scripting switches restore the legacy
+    ``jit_script_fx`` flag, which e3nn 0.6 maps onto ``jit_mode="script"``); a MACE model built after
+    that is TorchScript-compiled and cannot be deep-copied. Tests of one host must not decide the outcome
+    of another's.
+    """
+    try:
+        import e3nn
+    except ImportError:
+        yield
+        return
+    saved = dict(e3nn.get_optimization_defaults())
+    yield
+    legacy = saved.pop("jit_script_fx")
+    e3nn.set_optimization_defaults(jit_script_fx=legacy)
+    e3nn.set_optimization_defaults(**saved)
+    saved["jit_script_fx"] = legacy
+
+
 def toy_host_features(positions: torch.Tensor, species: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """Invariant and equivariant per-atom features, as a local host would give (irreps TOY_IRREPS).
 

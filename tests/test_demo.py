@@ -78,9 +78,9 @@ def test_the_three_models_are_different_and_the_upgrade_contains_the_baseline(de
     host_names = {name for name, _ in baseline.named_parameters()}
     upgraded_host = dict(upgrade.host.named_parameters())
     assert host_names == set(upgraded_host)
-    assert any(
-        not torch.equal(p, upgraded_host[name]) for name, p in baseline.named_parameters()
-    ), "fine-tuning should move the host weights too (not frozen in the demo)"
+    assert any(not torch.equal(p, upgraded_host[name]) for name, p in baseline.named_parameters()), (
+        "fine-tuning should move the host weights too (not frozen in the demo)"
+    )
 
 
 def test_a_second_run_reuses_every_stage(demo_run):

@@ -384,7 +384,10 @@ def test_torchsim_validate_model_outputs(adapter, host):
 
     def known_elements(state):  # the validator's Si, Mg, Fe, ... become elements the model knows
         state.atomic_numbers = torch.tensor(
-            [int(z) if int(z) in ELEMENTS else ELEMENTS[int(z) % len(ELEMENTS)] for z in state.atomic_numbers],
+            [
+                int(z) if int(z) in ELEMENTS else ELEMENTS[int(z) % len(ELEMENTS)]
+                for z in state.atomic_numbers
+            ],
             device=state.device,
         )
         return state

@@ -212,6 +212,20 @@ def test_save_and_reload_in_a_fresh_process(adapter, perturbed, frames, tmp_path
         start += len(forces)
 
 
+def test_attach_save_and_load_leave_e3nn_defaults_alone(adapter, host, tmp_path):
+    """nequip's scripting switch restores a legacy flag that moves e3nn's jit_mode to "script";
+    other hosts' e3nn modules built afterwards (MACE) then fail to deep-copy or pickle."""
+    import e3nn
+    from e3nn import o3
+
+    before = dict(e3nn.get_optimization_defaults())
+    upgraded = adapter.attach(host, GGNDConfig(channels=4, heads=2, steps=1))
+    path = adapter.save(upgraded, tmp_path / "kept.nequip.zip")
+    adapter.load(path)
+    assert e3nn.get_optimization_defaults() == before
+    copy.deepcopy(o3.Linear("2x0e+2x1o", "2x0e+2x1o"))  # a scripted module would raise PickleError
+
+
 def test_bad_files_give_clear_errors(adapter, host, tmp_path):
     with pytest.raises(GGNDError, match="no such file"):
         adapter.load(tmp_path / "missing.nequip.zip")

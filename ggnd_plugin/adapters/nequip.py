@@ -84,8 +84,10 @@ class NequIPAdapter(HostAdapter):
         from nequip.model.saved_models.load_utils import load_saved_model
 
         import ggnd_plugin.adapters.nequip_build  # noqa: F401  (packaging registration for GGND models)
+        from ggnd_plugin.adapters.nequip_build import e3nn_defaults_kept
 
-        model = load_saved_model(str(path), model_key="sole_model")
+        with e3nn_defaults_kept():
+            model = load_saved_model(str(path), model_key="sole_model")
         if str(path).endswith(PACKAGE_SUFFIX):
             from nequip.model.saved_models.package import data_dict_from_package
 
@@ -99,7 +101,10 @@ class NequIPAdapter(HostAdapter):
                 f"{path}: NequIP models are saved as packages; the file name must end in {PACKAGE_SUFFIX}"
             )
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_package(model, path)
+        from ggnd_plugin.adapters.nequip_build import e3nn_defaults_kept
+
+        with e3nn_defaults_kept():
+            write_package(model, path)
         return path
 
     def feature_spec(self, model: nn.Module) -> FeatureSpec:

@@ -125,7 +125,7 @@ def insert_ggnd(
     dtype = next(iter(network.parameters())).dtype
     # e3nn modules built outside nequip's builders would be TorchScript-compiled, which torch.package
     # (nequip-package) cannot pickle; nequip builds its own modules with scripting off too.
-    with _default_dtype(dtype), conditional_torchscript_mode(False):
+    with e3nn_defaults_kept(), _default_dtype(dtype), conditional_torchscript_mode(False):
         ggnd = GGNDAtomicEnergy(config, num_types=len(type_names), irreps_in=features_in)
         network.insert(GGND_MODULE_NAME, ggnd, before=last)  # also passes the new field on
         total = dict(network.named_children())["total_energy_sum"]
@@ -139,6 +139,25 @@ def insert_ggnd(
     else:  # a builder's bare model: the GraphModel wrapped around it declares its irreps_in
         model.irreps_in.setdefault(AtomicDataDict.PBC_KEY, None)
     return model
+
+
+@contextlib.contextmanager
+def e3nn_defaults_kept():
+    """Restore e3nn's global optimisation defaults on exit.
+
+    nequip's ``conditional_torchscript_mode`` restores ``jit_script_fx`` only, and e3nn 0.6 maps that
+    legacy flag onto ``jit_mode``: after it, e3nn modules built anywhere in the process (a MACE model,
+    say) are TorchScript-compiled and can no longer be deep-copied or pickled.
+    """
+    import e3nn
+
+    saved = dict(e3nn.get_optimization_defaults())
+    try:
+        yield
+    finally:
+        legacy = saved.pop("jit_script_fx")
+        e3nn.set_optimization_defaults(jit_script_fx=legacy)  # may move jit_mode; set it back next
+        e3nn.set_optimization_defaults(**saved)
 
 
 @contextlib.contextmanager
