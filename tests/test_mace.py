@@ -448,6 +448,25 @@ def test_ggnd_options_parse_into_a_config(tmp_path):
         split_ggnd_arguments(build_parser().parse_args([*base, "--ggnd", "--ggnd_channels", "5"]))
 
 
+def test_fit_command_parses_back_with_device_and_variant(tmp_path):
+    """The command MACEAdapter.fit runs is accepted by ggnd-mace-train's own parser, options intact."""
+    from ggnd_plugin.adapters.mace_train import build_parser, fit_command, split_ggnd_arguments
+
+    config = GGNDConfig(channels=8, heads=2, steps=2, variant="mp")
+    command, model_path = fit_command(
+        tmp_path / "t.xyz", tmp_path / "v.xyz", tmp_path / "run", config, 7, 3, "tiny", device="cuda"
+    )
+    assert command[1:3] == ["-m", "ggnd_plugin.adapters.mace_train"]
+    args, parsed, _ = split_ggnd_arguments(build_parser().parse_args(command[3:]))
+    assert (args.device, args.max_num_epochs, args.seed) == ("cuda", 7, 3)
+    assert parsed == config and model_path == tmp_path / "run" / "mace-ggnd.model"
+    plain, plain_path = fit_command(
+        tmp_path / "t.xyz", tmp_path / "v.xyz", tmp_path / "run", None, 7, 3, "tiny"
+    )
+    args, parsed, _ = split_ggnd_arguments(build_parser().parse_args(plain[3:]))
+    assert parsed is None and args.device == "cpu" and plain_path.name == "mace.model"
+
+
 @pytest.mark.slow
 def test_ggnd_mace_train_end_to_end(adapter, tmp_path):
     frames = read(DATA / "train_300K.xyz", ":8")

@@ -55,6 +55,11 @@ def test_fit_config_fills_the_template(data):
     assert model["_target_"] == "ggnd_plugin.adapters.nequip.GGNDNequIPModel"
     assert GGNDConfig.from_dict(model["ggnd"]) == CONFIG
     assert model["num_features"] == SIZES["small"]["model"]["num_features"]
+    assert plain["trainer"]["accelerator"] == "cpu"
+    on_gpu = fit_config(data["train"], data["valid"], None, epochs=3, seed=7, size="tiny", device="cuda:0")
+    assert on_gpu["trainer"]["accelerator"] == "gpu"
+    with pytest.raises(GGNDError, match="device must be cpu or cuda"):
+        fit_config(data["train"], data["valid"], None, epochs=3, seed=7, size="tiny", device="tpu")
 
 
 def test_fit_refuses_bad_arguments(adapter, data, tmp_path):

@@ -85,6 +85,9 @@ def test_fit_command_and_errors(split, tmp_path):
     assert "model.representation.n_atom_basis=32" in command and "++globals.ggnd.r_g=null" in command
     assert "globals.ggnd_atomic_numbers=[1,6,7,8]" in command
     assert model_path == tmp_path / "runs" / "ggnd_painn" / "best_model"
+    assert "trainer.accelerator=cpu" in command
+    on_gpu, _ = fit_command(train, valid, tmp_path, None, epochs=3, seed=7, size="small", device="cuda")
+    assert "trainer.accelerator=gpu" in on_gpu
     import numpy as np
 
     with np.load(tmp_path / "split.npz") as saved:

@@ -120,11 +120,14 @@ class HostAdapter(ABC):
         epochs: int = 50,
         seed: int = 0,
         size: str = "small",
+        device: str = "cpu",
     ) -> nn.Module:
         """Train a model from scratch through the host's own training command (optional).
 
         ``config=None`` trains the plain host model; with a config, the same architecture with a GGND
-        block. ``size`` is ``"tiny"`` (tests, quick demo) or ``"small"`` (the demo). Used by ``ggnd demo``.
+        block. ``size`` is ``"tiny"`` (tests, quick demo) or ``"small"`` (the demo). ``device`` is
+        ``"cpu"`` or ``"cuda"`` (the host trainer's accelerator). Used by ``ggnd demo`` and
+        ``benchmarks/paper_3bpa.py``.
         """
         raise GGNDError(f"the {self.name} adapter cannot train models from scratch")
 
@@ -184,6 +187,14 @@ class HostAdapter(ABC):
 # --------------------------------------------------------------------------------------------------
 # Contract validation, for our adapters and third-party ones
 # --------------------------------------------------------------------------------------------------
+def lightning_accelerator(device: str) -> str:
+    """Lightning's accelerator name for a torch device string (``cpu``, ``cuda``, ``cuda:0``)."""
+    kind = str(device).split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise GGNDError(f"device must be cpu or cuda, got {device!r}")
+    return "gpu" if kind == "cuda" else "cpu"
+
+
 def validate_adapter(
     adapter: HostAdapter,
     model: nn.Module,

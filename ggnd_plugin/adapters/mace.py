@@ -526,11 +526,12 @@ class MACEAdapter(HostAdapter):
         epochs: int = 50,
         seed: int = 0,
         size: str = "small",
+        device: str = "cpu",
     ) -> nn.Module:
         """Train through ``ggnd-mace-train`` (``mace_run_train`` plus GGND) in a subprocess."""
         from ggnd_plugin.adapters.mace_train import fit_command, run_fit
 
         self.require()
-        command, model_path = fit_command(train, valid, work_dir, config, epochs, seed, size)
+        command, model_path = fit_command(train, valid, work_dir, config, epochs, seed, size, device)
         run_fit(command, Path(work_dir), epochs, label=Path(work_dir).name)
         return self.load(model_path)

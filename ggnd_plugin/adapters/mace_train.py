@@ -332,6 +332,7 @@ def fit_command(
     epochs: int,
     seed: int,
     size: str,
+    device: str = "cpu",
 ) -> tuple[list[str], Path]:
     """The ggnd-mace-train command line that :meth:`MACEAdapter.fit` runs, and the model it writes."""
     if size not in SIZES:
@@ -350,7 +351,7 @@ def fit_command(
         "forces_key": "forces",
         "E0s": "average",
         "default_dtype": "float64",
-        "device": "cpu",
+        "device": device,
         "lr": 0.01,
         # MACE's defaults weigh forces 100 : energy 1, meant for long fits ending in its stage two
         # (energy weight 1000). Stage two (SWA) crashed for the "small" size here (torch 2.13: a

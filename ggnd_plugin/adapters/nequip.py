@@ -138,6 +138,7 @@ class NequIPAdapter(HostAdapter):
         epochs: int = 50,
         seed: int = 0,
         size: str = "small",
+        device: str = "cpu",
     ) -> nn.Module:
         """Train through ``nequip-train`` in a subprocess; return the best checkpoint, loaded.
 
@@ -146,7 +147,7 @@ class NequIPAdapter(HostAdapter):
         """
         self.require()
         work_dir = Path(work_dir).resolve()
-        config_path = write_fit_config(train, valid, work_dir, config, epochs, seed, size)
+        config_path = write_fit_config(train, valid, work_dir, config, epochs, seed, size, device)
         run_nequip_train(config_path, work_dir, epochs, label=work_dir.name)
         best = work_dir / "best.ckpt"
         if not best.exists():
@@ -295,6 +296,7 @@ def fit_config(
     epochs: int,
     seed: int,
     size: str,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """The nequip-train config :meth:`NequIPAdapter.fit` runs: the template with these values filled in."""
     import yaml
@@ -317,6 +319,9 @@ def fit_config(
         max_epochs=int(epochs),
         train_batch_size=int(sizes["train_batch_size"]),
     )
+    from ggnd_plugin.adapters.base import lightning_accelerator
+
+    values["trainer"]["accelerator"] = lightning_accelerator(device)
     model = values["training_module"]["model"]
     model.update(sizes["model"])
     if config is not None:
@@ -333,11 +338,12 @@ def write_fit_config(
     epochs: int,
     seed: int,
     size: str,
+    device: str = "cpu",
 ) -> Path:
     """Write :func:`fit_config` to ``work_dir/nequip-fit.yaml`` (removing checkpoints of an earlier run)."""
     import yaml
 
-    values = fit_config(train, valid, config, epochs, seed, size)
+    values = fit_config(train, valid, config, epochs, seed, size, device)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     # Lightning would write best-v1.ckpt next to an old best.ckpt: start from a clean folder.

@@ -108,6 +108,7 @@ class SchNetPackAdapter(HostAdapter):
         epochs: int = 50,
         seed: int = 0,
         size: str = "small",
+        device: str = "cpu",
     ) -> nn.Module:
         """Train PaiNN (``config=None``) or PaiNN + GGND from scratch with SchNetPack's ``spktrain``.
 
@@ -118,7 +119,7 @@ class SchNetPackAdapter(HostAdapter):
         """
         self.require()
         work_dir = Path(work_dir).absolute()
-        command, model_path = fit_command(train, valid, work_dir, config, epochs, seed, size)
+        command, model_path = fit_command(train, valid, work_dir, config, epochs, seed, size, device)
         run_fit(command, work_dir, epochs, label=work_dir.name)
         if not model_path.is_file():
             raise GGNDError(f"spktrain finished but wrote no {model_path}; see {work_dir / FIT_LOG}")
@@ -379,6 +380,7 @@ def fit_command(
     epochs: int,
     seed: int,
     size: str,
+    device: str = "cpu",
 ) -> tuple[list[str], Path]:
     """Write the database and split for ``spktrain``; return its command line and the model it writes.
 
@@ -390,6 +392,7 @@ def fit_command(
 
     import numpy as np
 
+    from ggnd_plugin.adapters.base import lightning_accelerator
     from ggnd_plugin.adapters.schnetpack_data import extxyz_to_spk_db
     from ggnd_plugin.data import read_labelled
 
@@ -432,7 +435,7 @@ def fit_command(
         "model.representation.n_atom_basis": options["n_atom_basis"],
         "model.representation.n_interactions": options["n_interactions"],
         "trainer.max_epochs": epochs,
-        "trainer.accelerator": "cpu",
+        "trainer.accelerator": lightning_accelerator(device),
         "trainer.enable_model_summary": False,
         "+trainer.enable_progress_bar": False,
         "callbacks.model_checkpoint.verbose": True,
