@@ -78,7 +78,8 @@ class GGNDConfig:
         variant: ``"diffusion"`` (GGND), ``"local"`` (the same diffusion restricted to
             ``local_cutoff``, paper table 3 dagger) or ``"mp"`` (one fully connected message-passing
             layer instead of the diffusion, paper table 3 double dagger).
-        local_cutoff: pair radius of the ``"local"`` variant; adapters set it to the host's cutoff.
+        local_cutoff: pair radius of the ``"local"`` variant; None: the host's cutoff, which the MACE
+            adapter fills in when it attaches the block (a block built directly needs a value).
         tensor_filter: include the Clebsch-Gordan filter F_ij. False reduces the diffusivity to the
             scalar attention (the pure-diffusion special case when ``mix_gradient`` is also False).
         mix_gradient: learn the channel mixing W_l of the gradient; False uses the identity.
@@ -127,8 +128,8 @@ class GGNDConfig:
             )
         if self.r_g is not None and not self.r_g > 0:
             problems.append(f"r_g must be None or > 0, got {self.r_g}")
-        if self.variant == "local" and not (self.local_cutoff and self.local_cutoff > 0):
-            problems.append("variant 'local' needs local_cutoff > 0 (the host's cutoff radius)")
+        if self.local_cutoff is not None and not self.local_cutoff > 0:
+            problems.append(f"local_cutoff must be None or > 0, got {self.local_cutoff}")
         if self.chunk_size is not None and self.chunk_size < 1:
             problems.append(f"chunk_size must be None or >= 1, got {self.chunk_size}")
         if self.num_radial < 2:
@@ -535,6 +536,10 @@ class GGNDBlock(nn.Module):
         super().__init__()
         config = config or GGNDConfig()
         self.spec, self.config = spec, config
+        if config.variant == "local" and config.local_cutoff is None:
+            raise ValueError(
+                "GGNDConfig variant 'local' needs local_cutoff (the host's cutoff radius, in Å) to build a block"
+            )
         c, lmax = config.channels, config.lmax
         self.irreps_state = state_irreps(c, lmax)
         self.irreps_host = spec.irreps

@@ -297,7 +297,10 @@ def test_config_rejects_bad_values_with_named_problem():
     with pytest.raises(ValueError, match="heads"):
         GGNDConfig(channels=10, heads=4)
     with pytest.raises(ValueError, match="local_cutoff"):
-        GGNDConfig(variant="local")
+        GGNDConfig(variant="local", local_cutoff=-1.0)
+    # Without a radius the config is valid (an adapter fills in the host's cutoff), a bare block is not.
+    with pytest.raises(ValueError, match="local_cutoff"):
+        GGNDBlock(FeatureSpec({"scalars": "4x0e"}, num_species=2), GGNDConfig(variant="local"))
     with pytest.raises(ValueError, match="solver"):
         GGNDConfig(solver="midpoint")
     with pytest.raises(ValueError, match="unknown GGND option"):

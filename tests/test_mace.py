@@ -137,6 +137,21 @@ def test_validate_adapter(adapter, host, frames, tmp_path):
     assert upgraded.atomic_energies_fn is upgraded.host.atomic_energies_fn
 
 
+def test_ablation_variants_attach_and_the_local_one_uses_the_mace_cutoff(adapter, host, frames):
+    """Paper table 3's variants: 'local' diffuses within MACE's r_max (filled in), 'mp' is one layer."""
+    from ggnd_plugin.block import GGNDConfig as Config
+
+    local = adapter.attach(host, Config(channels=8, heads=2, steps=2, variant="local"))
+    assert local.ggnd.config.local_cutoff == pytest.approx(float(host.r_max))
+    assert local.ggnd.config.pair_radius == pytest.approx(float(host.r_max))
+    explicit = adapter.attach(host, Config(channels=8, heads=2, steps=2, variant="local", local_cutoff=3.0))
+    assert explicit.ggnd.config.local_cutoff == 3.0
+    for model in (local, adapter.attach(host, Config(channels=8, heads=2, steps=2, variant="mp"))):
+        before, after = _outputs(host, adapter, frames), _outputs(model, adapter, frames)
+        for key in ("energy", "forces"):
+            assert torch.equal(before[key], after[key])  # zero-initialised fusion: the host, exactly
+
+
 def test_zero_init_reproduces_host_exactly(adapter, host, upgraded, frames):
     molecule = (_outputs(host, adapter, frames), _outputs(upgraded, adapter, frames))
     cell = [periodic_cell()]
