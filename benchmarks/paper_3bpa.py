@@ -670,6 +670,97 @@ def print_table(payload) -> None:
     Console().print(table)
 
 
+def _cell(value, digits=3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _stability_cell(record) -> str:
+    if record is None or record["stability_ps_mean"] is None:
+        return "not run"
+    return (
+        f"{record['stability_ps_mean']:.3f} ± {record['stability_ps_std']:.3f} "
+        f"({record['failed']}/{record['replicas']} failed) / {record['horizon_ps']:g} ps"
+    )
+
+
+def markdown_tables(payload) -> str:
+    """The tables of docs/results.md from a results JSON: table 1 per host, table 3, table 5."""
+    records = {(r["model"], r["test"]): r for r in payload["records"]}
+    hosts = payload["settings"]["hosts"]
+    lines = []
+    for host in hosts:
+        kinds = ["baseline", "ggnd-scratch", "ggnd-upgrade"]
+        paper = host in ("mace", "nequip")
+        header = "| test | metric |"
+        if paper:
+            header += f" paper {HOST_LABEL[host]} | paper +GGND |"
+        header += "".join(f" ours `{model_name(host, k)}` |" for k in kinds)
+        lines += [f"### {HOST_LABEL[host]}", "", header, "|" + "---|" * (header.count("|") - 1)]
+        for test in ("300K", "600K", "1200K"):
+            for metric, key in (("E (eV)", "energy_mae"), ("F (eV/Å)", "forces_mae"), ("S (ps)", None)):
+                row = f"| {test} | {metric} |"
+                if paper:
+                    for ggnd in (False, True):
+                        e, f, s = PAPER[(host, ggnd, test)]
+                        row += f" {e if key == 'energy_mae' else f if key == 'forces_mae' else s} |"
+                for kind in kinds:
+                    r = records.get((model_name(host, kind), test))
+                    row += f" {_stability_cell(r) if key is None else _cell(r and r[key])} |"
+                lines.append(row)
+        lines.append("")
+    if "mace" in hosts and any(model_name("mace", k) in {m for m, _ in records} for k in ABLATION_KINDS):
+        lines += [
+            "### Ablation (paper table 3; the paper's is on VisNet, ours on MACE)",
+            "",
+            "| model | variant | E 300 K | F 300 K | E 600 K | F 600 K | S 1200 K | paper (VisNet) F 600 K, S 1200 K |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for kind, variant in (
+            ("baseline", "baseline"),
+            ("ggnd-local", "local"),
+            ("ggnd-mp", "mp"),
+            ("ggnd-scratch", "diffusion"),
+        ):
+            name = model_name("mace", kind)
+            r300, r600, r1200 = (records.get((name, t)) for t in ("300K", "600K", "1200K"))
+            if r300 is None:
+                continue
+            paper600, paper1200 = PAPER_ABLATION[(variant, "600K")], PAPER_ABLATION[(variant, "1200K")]
+            lines.append(
+                f"| `{name}` | {variant} | {_cell(r300['energy_mae'])} | {_cell(r300['forces_mae'])} | "
+                f"{_cell(r600['energy_mae'])} | {_cell(r600['forces_mae'])} | {_stability_cell(r1200)} | "
+                f"{paper600[1]}, {paper1200[2]} |"
+            )
+        lines.append("")
+    overhead = payload.get("overhead") or {}
+    if overhead:
+        lines += [
+            "### Overhead (paper table 5: VisNet on an RTX 3090)",
+            "",
+            "| host | train step (s) | MD step (s) | train peak (MiB) | MD peak (MiB) | ratios train / MD time, train / MD memory |",
+            "|---|---|---|---|---|---|",
+        ]
+        for host, o in overhead.items():
+            ratio = o["ratios"]
+
+            def pair(values, scale=1.0, digits=3):
+                return f"{values['baseline'] / scale:.{digits}f} → {values['ggnd'] / scale:.{digits}f}"
+
+            lines.append(
+                f"| {HOST_LABEL[host]} | {pair(o['train_step_s'])} | {pair(o['md_step_s'])} | "
+                f"{pair(o['train_peak_bytes'], 2**20, 0)} | {pair(o['md_peak_bytes'], 2**20, 0)} | "
+                f"{ratio['train_time']:.2f} / {ratio['md_time']:.2f}, "
+                f"{_cell(ratio['train_memory'], 2)} / {_cell(ratio['md_memory'], 2)} |"
+            )
+        p5 = PAPER_OVERHEAD
+        lines.append(
+            f"| paper (VisNet) | | | | | {p5['train_time']:.2f} / {p5['md_time']:.2f}, "
+            f"{p5['train_memory']:.2f} / {p5['md_memory']:.2f} |"
+        )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -698,7 +789,10 @@ def main(argv=None) -> int:
     fits = {name: _Stage(args.out, f"fit-{name}").read() for name in files}
     payload = write_json(args, files, fits, metrics, stability, overhead)
     print_table(payload)
-    _say(f"results in {args.results}; plots in {args.out / 'stability'}")
+    (args.out / "tables.md").write_text(markdown_tables(payload))
+    _say(
+        f"results in {args.results}; markdown tables in {args.out / 'tables.md'}; plots in {args.out / 'stability'}"
+    )
     return 0
 
 
