@@ -557,6 +557,9 @@ class _ModelRun:
             self._flush_window()
             for position, value in enumerate(self.run_max.detach().cpu().tolist() if self.active else []):
                 self.records[self.active[position]]["max_deviation"] = value
+            # The run ends early when every replica has failed: the bar jumps to the end, and its count
+            # must say so (the last window's failures came after the last postfix update).
+            bar.set_postfix(stable=f"{len(self.active)}/{len(self.plan)}", refresh=False)
             bar.update(max(0, protocol.n_steps - bar.n))
         finally:
             bar.close()
