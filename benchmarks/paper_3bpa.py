@@ -60,6 +60,7 @@ KINDS = {
     "ggnd-upgrade": "diffusion",
     "ggnd-local": "local",
     "ggnd-mp": "mp",
+    "finetuned": None,  # control: the fitted host fine-tuned like the upgrade, without GGND
 }
 ABLATION_KINDS = ("ggnd-local", "ggnd-mp")
 LABELLED_TESTS = ("300K", "600K")
@@ -111,10 +112,23 @@ def model_names(args) -> list[str]:
     names = []
     for host in args.hosts:
         kinds = ["baseline", "ggnd-scratch", "ggnd-upgrade"]
+        if args.controls:
+            kinds.append("finetuned")
         if host == "mace" and args.ablation:
             kinds += list(ABLATION_KINDS)
         names += [model_name(host, kind) for kind in kinds]
     return names
+
+
+def selected_models(args) -> list[str]:
+    """The models evaluated, run and reported: all of :func:`model_names`, or those of ``--models``."""
+    names = model_names(args)
+    if not args.models:
+        return names
+    unknown = sorted(set(args.models) - set(names))
+    if unknown:
+        raise SystemExit(f"--models: {unknown} are not models of this run; choose from {names}")
+    return [name for name in names if name in args.models]
 
 
 def _say(message: str) -> None:
@@ -143,6 +157,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--no-ablation", dest="ablation", action="store_false", help="skip MACE's local and mp variants"
     )
+    p.add_argument(
+        "--no-controls",
+        dest="controls",
+        action="store_false",
+        help="skip <host>+finetuned (the fitted host fine-tuned like the upgrade, without GGND)",
+    )
+    p.add_argument(
+        "--models", nargs="+", default=None, help="evaluate / run / report only these (all are fitted)"
+    )
     p.add_argument("--epochs", type=int, default=100, help="training epochs of every fit")
     # MACE (defaults: fit_command's 'medium' size, batch size 5)
     p.add_argument("--size", default="medium", help="MACE size: ggnd_plugin.adapters.mace_train.SIZES key")
@@ -167,6 +190,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--md-dtype", default="float64", choices=("float64", "float32"))
     p.add_argument("--parallel", action="store_true", help="fit / run MD of independent models concurrently")
     p.add_argument("--jobs", type=int, default=3, help="with --parallel: MD processes at a time")
+    p.add_argument("--md-threads", type=int, default=None, help="torch threads of each stability run")
     p.add_argument(
         "--stages", default="all", help="comma list of fit,evaluate,stability,overhead,report or all"
     )
@@ -303,6 +327,8 @@ def fit_other_host(args, data, name: str, config) -> dict[str, Any]:
 
 
 def finetune_upgrade(args, data, name: str, baseline_path: str) -> dict[str, Any]:
+    """``<host>+ggnd-upgrade``: attach GGND to the fitted host and fine-tune; ``<host>+finetuned``: the same
+    fine-tuning without GGND, so the upgrade's gain can be told apart from that of more training."""
     import torch
 
     from ggnd_plugin.data import read_labelled
@@ -312,7 +338,9 @@ def finetune_upgrade(args, data, name: str, baseline_path: str) -> dict[str, Any
     host, _ = parse_model(name)
     adapter = get(host)
     torch.manual_seed(args.seed)
-    upgraded = adapter.attach(adapter.load(Path(baseline_path), args.device), ggnd_config(args))
+    upgraded = adapter.load(Path(baseline_path), args.device)
+    if parse_model(name)[1] == "ggnd-upgrade":
+        upgraded = adapter.attach(upgraded, ggnd_config(args))
     target = args.out / "models" / name / f"{name.replace('+', '_')}{adapter.file_suffixes[0]}"
     settings = FinetuneSettings(
         epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.finetune_batch_size, seed=args.seed
@@ -350,13 +378,18 @@ def stage_fit(args, data) -> dict[str, str]:
 
     def baseline_then_upgrade(host):
         base = scratch(host)
-        upgrade = model_name(host, "ggnd-upgrade")
-        if not stages[upgrade].done():
-            _say(f"upgrading the fitted {host} model with GGND and fine-tuning it")
-            stages[upgrade].write(finetune_upgrade(args, data, upgrade, base["path"]))
+        for kind, what in (
+            ("ggnd-upgrade", "upgrading the fitted {} model with GGND and fine-tuning it"),
+            ("finetuned", "fine-tuning the fitted {} model without GGND (control)"),
+        ):
+            name = model_name(host, kind)
+            if name in stages and not stages[name].done():
+                _say(what.format(host))
+                stages[name].write(finetune_upgrade(args, data, name, base["path"]))
 
+    derived = ("baseline", "ggnd-upgrade", "finetuned")
     jobs = [(baseline_then_upgrade, (host,)) for host in args.hosts]
-    jobs += [(scratch, (name,)) for name in names if parse_model(name)[1] not in ("baseline", "ggnd-upgrade")]
+    jobs += [(scratch, (name,)) for name in names if parse_model(name)[1] not in derived]
     if args.parallel:
         with ThreadPoolExecutor(2) as pool:
             for future in [pool.submit(fn, *fn_args) for fn, fn_args in jobs]:
@@ -364,7 +397,7 @@ def stage_fit(args, data) -> dict[str, str]:
     else:
         for fn, fn_args in jobs:
             fn(*fn_args)
-    return {name: stages[name].read()["path"] for name in names}
+    return {name: stages[name].read()["path"] for name in selected_models(args)}
 
 
 def stage_evaluate(args, data, files) -> dict[str, Any]:
@@ -410,6 +443,8 @@ def stability_one(args, data, name: str, path: str) -> dict[str, Any]:
     from ggnd_plugin.md.report import summarise, write_results
     from ggnd_plugin.registry import get
 
+    if args.md_threads:
+        torch.set_num_threads(args.md_threads)
     adapter = get(parse_model(name)[0])
     dtype = getattr(torch, args.md_dtype)
     model = adapter.torchsim_model(adapter.load(Path(path), args.device), args.device, dtype)
@@ -564,12 +599,13 @@ def write_json(args, files, fits, metrics, stability, overhead) -> dict[str, Any
         for t in ("300K", "600K", "1200K"):
             m = metrics[name].get(t)
             s = by_model_t.get((name, float(t[:-1])))
-            paper = PAPER.get((host, kind != "baseline", t)) if kind in ("baseline", "ggnd-scratch") else None
+            ggnd = KINDS[kind] is not None
+            paper = PAPER.get((host, ggnd, t)) if kind in ("baseline", "ggnd-scratch") else None
             records.append(
                 {
                     "model": name,
                     "host": host,
-                    "ggnd": kind != "baseline",
+                    "ggnd": ggnd,
                     "kind": kind,
                     "variant": KINDS[kind],
                     "test": t,
@@ -689,7 +725,13 @@ def markdown_tables(payload) -> str:
     hosts = payload["settings"]["hosts"]
     lines = []
     for host in hosts:
-        kinds = ["baseline", "ggnd-scratch", "ggnd-upgrade"]
+        kinds = [
+            k
+            for k in ("baseline", "ggnd-scratch", "ggnd-upgrade", "finetuned")
+            if any(m == model_name(host, k) for m, _ in records)
+        ]
+        if not kinds:
+            continue
         paper = host in ("mace", "nequip")
         header = "| test | metric |"
         if paper:
