@@ -184,9 +184,7 @@ class HostAdapter(ABC):
         }
 
 
-# --------------------------------------------------------------------------------------------------
-# Contract validation, for our adapters and third-party ones
-# --------------------------------------------------------------------------------------------------
+# Shared by the adapters whose hosts train with Lightning (nequip-train, spktrain).
 def lightning_accelerator(device: str) -> str:
     """Lightning's accelerator name for a torch device string (``cpu``, ``cuda``, ``cuda:0``)."""
     kind = str(device).split(":")[0]
@@ -195,6 +193,9 @@ def lightning_accelerator(device: str) -> str:
     return "gpu" if kind == "cuda" else "cpu"
 
 
+# --------------------------------------------------------------------------------------------------
+# Contract validation, for our adapters and third-party ones
+# --------------------------------------------------------------------------------------------------
 def validate_adapter(
     adapter: HostAdapter,
     model: nn.Module,

@@ -301,6 +301,8 @@ def fit_config(
     """The nequip-train config :meth:`NequIPAdapter.fit` runs: the template with these values filled in."""
     import yaml
 
+    from ggnd_plugin.adapters.base import lightning_accelerator
+
     if size not in SIZES:
         raise GGNDError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
     if epochs < 1:
@@ -319,8 +321,6 @@ def fit_config(
         max_epochs=int(epochs),
         train_batch_size=int(sizes["train_batch_size"]),
     )
-    from ggnd_plugin.adapters.base import lightning_accelerator
-
     values["trainer"]["accelerator"] = lightning_accelerator(device)
     model = values["training_module"]["model"]
     model.update(sizes["model"])
