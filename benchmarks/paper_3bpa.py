@@ -13,7 +13,8 @@ the paper's stability protocol:
    fine-tuned with ``ggnd_plugin.training.finetune``;
 4. ``evaluate``: energy and force MAE on test_300K and test_600K (``ggnd_plugin.training.evaluate``);
 5. ``stability``: ``ggnd_plugin.md.run_stability`` (NVE velocity Verlet, 1 fs, Δ = 0.5 Å on the 28 bonds)
-   at 300, 600 and 1200 K; one batched TorchSim state per model, models in parallel processes with
+   at 300, 600 and 1200 K (the upgrade, control and ablation models at ``--side-temperatures`` if
+   given); one batched TorchSim state per model and temperature, in parallel processes with
    ``--parallel``. There is no 1200 K set, so 1200 K replicas start from test_600K frames with
    velocities drawn at 1200 K;
 6. ``overhead``: table 5 per host, the plain and the GGND-from-scratch model measured side by side
@@ -24,10 +25,11 @@ the paper's stability protocol:
 Every stage is cached in ``--out`` (default ``build/paper_3bpa``), so the same command resumes.
 Validation is the only thing looked at while fitting; the test sets are used for reporting only.
 
-    # the MACE run reported in docs/results.md (one H100; the horizon was limited by device time)
-    python benchmarks/paper_3bpa.py --hosts mace --no-ablation --device cuda --parallel \
-        --hidden-irreps 64x0e+64x1o --batch-size 20 --epochs 60 --finetune-epochs 10 \
-        --finetune-batch-size 10 --test-frames 500 --time-ps 2
+    # the all-host CPU study in docs/results.md and benchmarks/results/paper_3bpa.json (pass B)
+    python benchmarks/paper_3bpa.py --out build/paper_3bpa_cpu_all --size small --train-frames 200 \
+        --test-frames 100 --epochs 25 --ggnd-channels 8 --ggnd-heads 2 --ggnd-steps 2 \
+        --finetune-epochs 5 --finetune-batch-size 5 --replicas 5 --time-ps 10 \
+        --temperatures 300 600 1200 --side-temperatures 1200 --parallel --jobs 2 --md-threads 1
     python benchmarks/paper_3bpa.py --smoke          # tiny end-to-end check on CPU, all hosts
 """
 
@@ -180,11 +182,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ggnd-steps", type=int, default=3)
     p.add_argument("--ggnd-lmax", type=int, default=1)
     p.add_argument("--ggnd-horizon", type=float, default=1.0)
+    p.add_argument(
+        "--ggnd-drop-interaction",
+        action="store_true",
+        help="MACE: GGND models fitted from scratch get one MACE interaction fewer than the plain model "
+        "(the paper removed one message-passing layer 'for a fair comparison')",
+    )
     p.add_argument("--finetune-epochs", type=int, default=30)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--finetune-batch-size", type=int, default=5)
     # stability
     p.add_argument("--temperatures", type=float, nargs="+", default=list(TEMPERATURES))
+    p.add_argument(
+        "--side-temperatures",
+        type=float,
+        nargs="+",
+        default=None,
+        help="temperatures of the upgrade, control and ablation models (default: --temperatures)",
+    )
     p.add_argument("--replicas", type=int, default=5)
     p.add_argument("--time-ps", type=float, default=10.0, help="horizon (the paper: 100 ps)")
     p.add_argument("--md-dtype", default="float64", choices=("float64", "float32"))
@@ -200,6 +215,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--smoke", action="store_true", help="tiny CPU run: 24 frames, tiny models, 2 epochs, 0.02 ps"
     )
     args = p.parse_args(argv)
+    if args.ggnd_drop_interaction and set(args.hosts) != {"mace"}:
+        p.error("--ggnd-drop-interaction is implemented for MACE only: run it with --hosts mace")
     if args.smoke:
         args.train_frames, args.test_frames, args.size, args.epochs = 24, 6, "tiny", 2
         args.nequip_size = args.schnetpack_size = "tiny"
@@ -297,6 +314,11 @@ def fit_mace(args, data, name: str, config) -> dict[str, Any]:
     if args.batch_size:
         command = _set_option(command, "batch_size", args.batch_size)
         command = _set_option(command, "valid_batch_size", args.batch_size)
+    if args.ggnd_drop_interaction and config is not None:
+        interactions = int(command[command.index("--num_interactions") + 1])
+        if interactions < 2:
+            raise SystemExit(f"--ggnd-drop-interaction: MACE size {args.size!r} has only one interaction")
+        command = _set_option(command, "num_interactions", interactions - 1)
     # MACE's own checkpoints make a fit stopped by a time limit resume where it stopped.
     command.append("--restart_latest")
     t0 = time.perf_counter()
@@ -423,17 +445,36 @@ def stage_evaluate(args, data, files) -> dict[str, Any]:
     return {name: _Stage(args.out, f"evaluate-{name}").read() for name in files}
 
 
-def protocol_of(args):
+def protocol_of(args, temperature: float):
     from ggnd_plugin.md import StabilityProtocol
 
     return StabilityProtocol(
-        temperatures=tuple(args.temperatures), replicas=args.replicas, time_ps=args.time_ps, seed=args.seed
+        temperatures=(temperature,), replicas=args.replicas, time_ps=args.time_ps, seed=args.seed
     )
 
 
-def stability_one(args, data, name: str, path: str) -> dict[str, Any]:
-    """run_stability for one model into out/stability/<name>; cached as a stage."""
-    stage = _Stage(args.out, f"stability-{name}")
+# The paper's table 1 rows: these models run at every ``--temperatures``; the upgrade, its control and
+# the ablation variants at ``--side-temperatures`` (default: the same).
+MAIN_KINDS = ("baseline", "ggnd-scratch")
+
+
+def temperatures_of(args, name: str) -> list[float]:
+    if parse_model(name)[1] in MAIN_KINDS or args.side_temperatures is None:
+        return list(args.temperatures)
+    return list(args.side_temperatures)
+
+
+def _stability_stage(args, name: str, temperature: float):
+    return _Stage(args.out, f"stability-{name}-{temperature:g}K")
+
+
+def stability_one(args, data, name: str, path: str, temperature: float) -> dict[str, Any]:
+    """run_stability for one model at one temperature into out/stability/<name>/<T>K; a cached stage.
+
+    One stage per (model, temperature) so a stopped study resumes at that grain and a temperature can
+    be added to a finished study without rerunning the others.
+    """
+    stage = _stability_stage(args, name, temperature)
     if stage.done():
         return stage.read()
     import torch
@@ -448,21 +489,18 @@ def stability_one(args, data, name: str, path: str) -> dict[str, Any]:
     adapter = get(parse_model(name)[0])
     dtype = getattr(torch, args.md_dtype)
     model = adapter.torchsim_model(adapter.load(Path(path), args.device), args.device, dtype)
-    starts_files = {300.0: data["test_300K"], 600.0: data["test_600K"], 1200.0: data["test_600K"]}
-    starts = {t: read_labelled(starts_files[t]) for t in args.temperatures}
-    out = args.out / "stability" / name.replace("+", "_")
+    # No labelled 1200 K set exists: 1200 K replicas start from 600 K frames, velocities drawn at 1200 K.
+    start_file = data["test_300K"] if temperature <= 300.0 else data["test_600K"]
+    out = args.out / "stability" / name.replace("+", "_") / f"{temperature:g}K"
     t0 = time.perf_counter()
     result = run_stability(
         {name: model},
-        starts,
+        {temperature: read_labelled(start_file)},
         read_labelled(data["train"]),
-        protocol_of(args),
+        protocol_of(args, temperature),
         out_dir=out,
         resume=(out / "checkpoints").exists(),
-        sources={
-            "start": {str(t): str(starts_files[t]) for t in args.temperatures},
-            "reference": str(data["train"]),
-        },
+        sources={"start": {f"{temperature:g}": str(start_file)}, "reference": str(data["train"])},
     )
     seconds = time.perf_counter() - t0
     write_results(result, out)
@@ -473,44 +511,59 @@ def stability_one(args, data, name: str, path: str) -> dict[str, Any]:
 
 def stage_stability(args, data, files) -> dict[str, Any]:
     names = list(files)
-    todo = [name for name in names if not _Stage(args.out, f"stability-{name}").done()]
+    jobs = [(name, t) for name in names for t in temperatures_of(args, name)]
+    todo = [(name, t) for name, t in jobs if not _stability_stage(args, name, t).done()]
     t0 = time.perf_counter()
     if args.parallel and len(todo) > 1:
         _say(
-            f"stability of {', '.join(todo)}, {args.jobs} processes at a time (logs in {args.out}/stability)"
+            f"stability of {len(todo)} (model, temperature) pairs, {args.jobs} processes at a time "
+            f"(logs in {args.out}/stability)"
         )
         (args.out / "stability").mkdir(parents=True, exist_ok=True)
         waiting, running, failed = list(todo), [], []
         while waiting or running:
             while waiting and len(running) < args.jobs:
-                name = waiting.pop(0)
-                log = open(args.out / "stability" / f"{name.replace('+', '_')}.log", "w")
+                name, t = waiting.pop(0)
+                log = open(args.out / "stability" / f"{name.replace('+', '_')}-{t:g}K.log", "w")
                 argv = [
                     sys.executable,
                     str(Path(__file__).resolve()),
                     *sys.argv[1:],
                     "--stability-model",
-                    name,
+                    f"{name}@{t:g}",
                 ]
-                running.append((name, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log))
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+                running.append((f"{name} at {t:g} K", proc, log))
             time.sleep(1.0)
             for item in list(running):
-                name, proc, log = item
+                label, proc, log = item
                 if proc.poll() is not None:
                     running.remove(item)
                     log.close()
+                    _say(f"stability of {label}: {'done' if proc.returncode == 0 else 'FAILED'}")
                     if proc.returncode != 0:
-                        failed.append(name)
+                        failed.append(label)
         if failed:
             raise SystemExit(f"stability failed for {failed}; see the logs in {args.out}/stability")
     else:
-        for name in todo:
+        for name, t in todo:
             _say(
-                f"stability of {name}: {len(args.temperatures)} temperatures x {args.replicas} replicas, "
-                f"{args.time_ps} ps NVE, one batched TorchSim state"
+                f"stability of {name} at {t:g} K: {args.replicas} replicas, {args.time_ps} ps NVE, "
+                "one batched TorchSim state"
             )
-            stability_one(args, data, name, files[name])
-    results = {name: _Stage(args.out, f"stability-{name}").read() for name in names}
+            stability_one(args, data, name, files[name], t)
+    results = {}
+    for name in names:
+        stages = [_stability_stage(args, name, t).read() for t in temperatures_of(args, name)]
+        results[name] = {
+            "summary": [row for stage in stages for row in stage["summary"]],
+            "protocols": {
+                f"{t:g}K": stage["protocol"]
+                for t, stage in zip(temperatures_of(args, name), stages, strict=True)
+            },
+            "seconds": sum(stage["seconds"] for stage in stages),
+            "dirs": [stage["dir"] for stage in stages],
+        }
     for host in args.hosts:
         combine_plots(args, host, {n: r for n, r in results.items() if parse_model(n)[0] == host})
     return {"models": results, "seconds_this_call": time.perf_counter() - t0}
@@ -523,8 +576,7 @@ def combine_plots(args, host: str, results) -> None:
     from ggnd_plugin.md.stability import StabilityResult
 
     rows, series, protocol = [], {}, None
-    for name in results:
-        folder = Path(results[name]["dir"])
+    for folder in (Path(d) for name in results for d in results[name]["dirs"]):
         record = json.loads((folder / "results.json").read_text())
         protocol = protocol or record["protocol"]
         for row in record["replicas"]:
@@ -618,14 +670,15 @@ def write_json(args, files, fits, metrics, stability, overhead) -> dict[str, Any
                     "stability_ps_min": s["min_ps"] if s else None,
                     "failed": s["failed"] if s else None,
                     "replicas": s["replicas"] if s else None,
-                    "horizon_ps": args.time_ps,
+                    "horizon_ps": stability["models"][name]["protocols"][t]["time_ps"] if s else None,
                     "start_frames": {"300K": "test_300K", "600K": "test_600K", "1200K": "test_600K"}[t],
                     "paper": dict(zip(("energy_mae", "forces_mae", "stability_ps"), paper, strict=True))
                     if paper
                     else None,
                 }
             )
-    protocol = stability["models"][names[0]]["protocol"]
+    protocol = dict(next(iter(stability["models"][names[0]]["protocols"].values())))
+    protocol["temperatures"] = sorted({t for name in names for t in temperatures_of(args, name)})
     payload = {
         "settings": {
             "data": str(args.data),
@@ -639,6 +692,7 @@ def write_json(args, files, fits, metrics, stability, overhead) -> dict[str, Any
             "schnetpack_size": args.schnetpack_size,
             "dtype": args.dtype,
             "ggnd": ggnd_config(args).to_dict(),
+            "ggnd_drop_interaction": args.ggnd_drop_interaction,
             "finetune": {
                 "epochs": args.finetune_epochs,
                 "lr": args.finetune_lr,
@@ -649,6 +703,7 @@ def write_json(args, files, fits, metrics, stability, overhead) -> dict[str, Any
                 k: protocol.get(k)
                 for k in ("ensemble", "timestep_fs", "time_ps", "replicas", "temperatures", "seed", "monitor")
             },
+            "stability_temperatures": {name: temperatures_of(args, name) for name in names},
             "md_dtype": args.md_dtype,
             "argv": sys.argv[1:],
         },
@@ -812,8 +867,9 @@ def main(argv=None) -> int:
         get(host).require()
     data = prepare_data(args)
     if args.stability_model:  # a worker of --parallel
-        path = _Stage(args.out, f"fit-{args.stability_model}").read()["path"]
-        stability_one(args, data, args.stability_model, path)
+        name, _, temperature = args.stability_model.partition("@")
+        path = _Stage(args.out, f"fit-{name}").read()["path"]
+        stability_one(args, data, name, path, float(temperature))
         return 0
     stages = set(
         ("fit", "evaluate", "stability", "overhead", "report")
