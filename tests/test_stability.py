@@ -523,3 +523,47 @@ def test_runs_a_real_mace_host_through_its_torchsim_wrapper(start, reference):
     assert len(result.rows) == 4
     for series in result.series.values():
         assert len(series["time_ps"]) == 1 and np.isfinite(series["total_energy_eV"]).all()
+
+
+def test_survival_plot_draws_only_the_models_run_at_each_temperature(tmp_path):
+    """A model run at 1200 K only gets no curve at 300 K (not a line at zero), and each curve is the
+    fraction of its replicas that had not failed by then."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from ggnd_plugin.md import plots
+    from ggnd_plugin.md.stability import StabilityResult
+
+    rows = [
+        {"model": "a", "temperature_K": 300.0, "replica": i, "stability_ps": 2.0, "failed": False}
+        for i in range(4)
+    ]
+    rows += [
+        {"model": m, "temperature_K": 1200.0, "replica": i, "stability_ps": t, "failed": t < 2.0}
+        for m, times in (("a", (0.5, 1.5, 2.0, 2.0)), ("b", (1.0, 2.0, 2.0, 2.0)))
+        for i, t in enumerate(times)
+    ]
+    result = StabilityResult(protocol={"time_ps": 2.0}, rows=rows, series={})
+    captured = {}
+    original = plt.Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        captured["figure"] = figure
+        return original(figure, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        plots.plot_survival(result, tmp_path / "survival.png")
+    finally:
+        plt.Figure.savefig = original
+    axis300, axis1200 = captured["figure"].axes
+    assert [line.get_label() for line in axis300.get_lines()] == ["a"]
+    curves = {line.get_label(): line for line in axis1200.get_lines()}
+    assert set(curves) == {"a", "b"}
+    times, alive = curves["a"].get_data()
+    assert np.interp(1.0, times, alive) == pytest.approx(0.75)  # one of four failed at 0.5 ps
+    assert np.interp(1.9, times, alive) == pytest.approx(0.5)
+    assert curves["a"].get_color() == axis300.get_lines()[0].get_color()
+    assert (tmp_path / "survival.png").stat().st_size > 0

@@ -41,6 +41,8 @@ def plot_max_deviation(result: StabilityResult, path: str | Path) -> Path:
     for row_index, model in enumerate(models):
         for column_index, temperature in enumerate(temperatures):
             axis = axes[row_index][column_index]
+            if not any(r["model"] == model and r["temperature_K"] == temperature for r in result.rows):
+                axis.text(0.5, 0.5, "not run", ha="center", va="center", transform=axis.transAxes)
             for row in result.rows:
                 if row["model"] != model or row["temperature_K"] != temperature:
                     continue
@@ -89,23 +91,28 @@ def plot_survival(result: StabilityResult, path: str | Path) -> Path:
     figure, axes = plt.subplots(
         1, len(temperatures), figsize=(3.4 * len(temperatures) + 0.6, 3.0), squeeze=False
     )
+    handles = {}
     for column_index, temperature in enumerate(temperatures):
         axis = axes[0][column_index]
-        for model in models:
+        for model_index, model in enumerate(models):
             times = [
                 r["stability_ps"] if r["failed"] else np.inf
                 for r in result.rows
                 if r["model"] == model and r["temperature_K"] == temperature
             ]
+            if not times:  # this model was not run at this temperature: no curve, not a zero line
+                continue
             grid, alive = survival_curve(np.array(times), horizon)
-            axis.step(grid, alive, where="post", label=model)
+            # One colour per model across panels, whichever models a panel has.
+            (line,) = axis.step(grid, alive, where="post", label=model, color=f"C{model_index % 10}")
+            handles.setdefault(model, line)
         axis.set_ylim(-0.03, 1.03)
         axis.set_xlim(0, horizon)
         axis.set_title(f"{temperature:g} K", fontsize=9)
         axis.set_xlabel("time (ps)")
         if column_index == 0:
             axis.set_ylabel("fraction of replicas stable")
-    axes[0][-1].legend(fontsize=8, loc="lower left")
+    axes[0][-1].legend(handles=[handles[m] for m in models if m in handles], fontsize=8, loc="lower left")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
