@@ -464,6 +464,12 @@ def temperatures_of(args, name: str) -> list[float]:
     return list(args.side_temperatures)
 
 
+def start_set(temperature: float) -> str:
+    """The labelled set MD replicas start from. No 1200 K set exists: 1200 K replicas start from 600 K
+    frames, with velocities drawn at 1200 K."""
+    return "test_300K" if temperature <= 300.0 else "test_600K"
+
+
 def _stability_stage(args, name: str, temperature: float):
     return _Stage(args.out, f"stability-{name}-{temperature:g}K")
 
@@ -489,8 +495,7 @@ def stability_one(args, data, name: str, path: str, temperature: float) -> dict[
     adapter = get(parse_model(name)[0])
     dtype = getattr(torch, args.md_dtype)
     model = adapter.torchsim_model(adapter.load(Path(path), args.device), args.device, dtype)
-    # No labelled 1200 K set exists: 1200 K replicas start from 600 K frames, velocities drawn at 1200 K.
-    start_file = data["test_300K"] if temperature <= 300.0 else data["test_600K"]
+    start_file = data[start_set(temperature)]
     out = args.out / "stability" / name.replace("+", "_") / f"{temperature:g}K"
     t0 = time.perf_counter()
     result = run_stability(
@@ -554,15 +559,12 @@ def stage_stability(args, data, files) -> dict[str, Any]:
             stability_one(args, data, name, files[name], t)
     results = {}
     for name in names:
-        stages = [_stability_stage(args, name, t).read() for t in temperatures_of(args, name)]
+        stages = {f"{t:g}K": _stability_stage(args, name, t).read() for t in temperatures_of(args, name)}
         results[name] = {
-            "summary": [row for stage in stages for row in stage["summary"]],
-            "protocols": {
-                f"{t:g}K": stage["protocol"]
-                for t, stage in zip(temperatures_of(args, name), stages, strict=True)
-            },
-            "seconds": sum(stage["seconds"] for stage in stages),
-            "dirs": [stage["dir"] for stage in stages],
+            "summary": [row for stage in stages.values() for row in stage["summary"]],
+            "protocols": {t: stage["protocol"] for t, stage in stages.items()},
+            "seconds": sum(stage["seconds"] for stage in stages.values()),
+            "dirs": [stage["dir"] for stage in stages.values()],
         }
     for host in args.hosts:
         combine_plots(args, host, {n: r for n, r in results.items() if parse_model(n)[0] == host})
@@ -671,7 +673,7 @@ def write_json(args, files, fits, metrics, stability, overhead) -> dict[str, Any
                     "failed": s["failed"] if s else None,
                     "replicas": s["replicas"] if s else None,
                     "horizon_ps": stability["models"][name]["protocols"][t]["time_ps"] if s else None,
-                    "start_frames": {"300K": "test_300K", "600K": "test_600K", "1200K": "test_600K"}[t],
+                    "start_frames": start_set(float(t[:-1])),
                     "paper": dict(zip(("energy_mae", "forces_mae", "stability_ps"), paper, strict=True))
                     if paper
                     else None,

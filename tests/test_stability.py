@@ -525,7 +525,7 @@ def test_runs_a_real_mace_host_through_its_torchsim_wrapper(start, reference):
         assert len(series["time_ps"]) == 1 and np.isfinite(series["total_energy_eV"]).all()
 
 
-def test_survival_plot_draws_only_the_models_run_at_each_temperature(tmp_path):
+def test_survival_plot_draws_only_the_models_run_at_each_temperature(tmp_path, monkeypatch):
     """A model run at 1200 K only gets no curve at 300 K (not a line at zero), and each curve is the
     fraction of its replicas that had not failed by then."""
     import matplotlib
@@ -553,11 +553,8 @@ def test_survival_plot_draws_only_the_models_run_at_each_temperature(tmp_path):
         captured["figure"] = figure
         return original(figure, *args, **kwargs)
 
-    plt.Figure.savefig = keep
-    try:
-        plots.plot_survival(result, tmp_path / "survival.png")
-    finally:
-        plt.Figure.savefig = original
+    monkeypatch.setattr(plt.Figure, "savefig", keep)
+    plots.plot_survival(result, tmp_path / "survival.png")
     axis300, axis1200 = captured["figure"].axes
     assert [line.get_label() for line in axis300.get_lines()] == ["a"]
     curves = {line.get_label(): line for line in axis1200.get_lines()}
