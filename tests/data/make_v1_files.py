@@ -1,0 +1,167 @@
+"""Write tests/data/v1/: model files with a version-1 GGND block, and their predictions.
+
+These are the files users trained with ggnd-plugin 0.1.0 (GGND config version 1). The compatibility
+test (tests/test_block_compatibility.py) loads them with the current code and checks that they
+predict what 0.1.0 predicted, to 1e-10 in float64. Run it on the 0.1.0 code, once:
+
+    git worktree add /tmp/ggnd-0.1.0 2643144
+    cd /tmp/ggnd-0.1.0 && /path/to/.venv/bin/python tests/data/make_v1_files.py OUT_DIR
+
+Files (all float64, tiny, GGND weights perturbed so the block changes every prediction):
+- ``mace_ggnd.model``: a random ScaleShiftMACE upgraded with GGND (``MACEAdapter.save``).
+- ``nequip_ggnd.ckpt``: one epoch of ``nequip-train`` with ``GGNDNequIPModel`` on 10 frames, its GGND
+  weights perturbed in the checkpoint's state dict; ``nequip_ggnd.nequip.zip``: that model packaged.
+- ``schnetpack_ggnd_best_model``: a random PaiNN upgraded with GGND (``SchNetPackAdapter.save``).
+- ``predictions.json``: energies and forces of each file (``adapter.predict``) on three frames of the
+  package's own 3BPA data (``3bpa_300K_test.xyz``).
+"""
+
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase.io import read, write
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO / "ggnd_plugin" / "default_data" / "3bpa"
+FRAMES = (DEFAULT_DATA / "3bpa_300K_test.xyz", ":3")
+ELEMENTS = [1, 6, 7, 8]
+
+
+def perturb_block(block, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+
+
+def mace_file(out: Path) -> Path:
+    from e3nn import o3
+    from mace import modules
+    from mace.tools import torch_tools
+
+    from ggnd_plugin.adapters.mace import MACEAdapter
+    from ggnd_plugin.block import GGNDConfig
+
+    with torch_tools.default_dtype(torch.float64):
+        torch.manual_seed(0)
+        interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+        model = modules.ScaleShiftMACE(
+            r_max=4.0, num_bessel=4, num_polynomial_cutoff=5, max_ell=1,
+            interaction_cls=interaction, interaction_cls_first=interaction, num_interactions=2,
+            num_elements=4, hidden_irreps=o3.Irreps("8x0e+8x1o"), MLP_irreps=o3.Irreps("4x0e"),
+            atomic_energies=np.array([-13.6, -1029.5, -1485.0, -2042.0]), avg_num_neighbors=8.0,
+            atomic_numbers=ELEMENTS, correlation=2, gate=torch.nn.functional.silu,
+            atomic_inter_scale=0.5, atomic_inter_shift=0.0,
+        ).eval()
+    adapter = MACEAdapter()
+    torch.manual_seed(1)
+    upgraded = adapter.attach(model, GGNDConfig(channels=8, heads=2, steps=2, lmax=2))
+    perturb_block(upgraded.ggnd, seed=11)
+    return adapter.save(upgraded, out / "mace_ggnd.model")
+
+
+def nequip_files(out: Path) -> tuple[Path, Path]:
+    from ggnd_plugin.adapters.nequip import NequIPAdapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        frames = read(DEFAULT_DATA / "3bpa_300K_train.xyz", ":12")
+        write(work / "train.xyz", frames[:10])
+        write(work / "test.xyz", frames[10:])
+        config = REPO / "tests" / "data" / "nequip_ggnd_train.yaml"
+        subprocess.run(
+            [str(Path(sys.executable).parent / "nequip-train"), "-cp", str(config.parent), "-cn",
+             config.stem, f"hydra.run.dir={work / 'run'}", f"train_file={work / 'train.xyz'}",
+             f"test_file={work / 'test.xyz'}"],
+            cwd=work, check=True, capture_output=True,
+        )
+        checkpoint = torch.load(work / "run" / "best.ckpt", map_location="cpu", weights_only=False)
+    # Perturb the GGND parameters both where training keeps them and in the EMA copies that nequip loads
+    # for evaluation (ema_weight_k follows the order of model.parameters()); buffers stay as they are.
+    adapter = NequIPAdapter()
+    torch.save(checkpoint, out / "nequip_ggnd.ckpt")
+    names = [name for name, _ in adapter.load(out / "nequip_ggnd.ckpt").named_parameters()]
+    generator = torch.Generator().manual_seed(12)
+    state = checkpoint["state_dict"]
+    for index, name in enumerate(names):
+        if ".ggnd." in name:
+            key = "model.sole_model." + name
+            noise = 0.2 * torch.randn(state[key].shape, generator=generator, dtype=state[key].dtype)
+            state[key] = state[key] + noise
+            ema = f"ema.ema_weight_{index}"
+            if ema in state:
+                state[ema] = state[ema] + noise
+    ckpt = out / "nequip_ggnd.ckpt"
+    torch.save(checkpoint, ckpt)
+    model = adapter.load(ckpt)
+    package = adapter.save(model, out / "nequip_ggnd.nequip.zip")
+    return ckpt, package
+
+
+def schnetpack_file(out: Path) -> Path:
+    import schnetpack as spk
+
+    from ggnd_plugin.adapters.schnetpack import SchNetPackAdapter
+    from ggnd_plugin.block import GGNDConfig
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        torch.manual_seed(0)
+        model = spk.model.NeuralNetworkPotential(
+            representation=spk.representation.PaiNN(
+                n_atom_basis=8, n_interactions=2, radial_basis=spk.nn.GaussianRBF(n_rbf=6, cutoff=4.0),
+                cutoff_fn=spk.nn.CosineCutoff(4.0),
+            ),
+            input_modules=[spk.atomistic.PairwiseDistances()],
+            output_modules=[
+                spk.atomistic.Atomwise(n_in=8, output_key="energy", aggregation_mode="sum"),
+                spk.atomistic.Forces(energy_key="energy", force_key="forces"),
+            ],
+            postprocessors=[
+                spk.transform.CastTo64(),
+                spk.transform.AddOffsets("energy", add_mean=True, property_mean=torch.tensor([-654.0])),
+            ],
+        )
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to(torch.float64)
+    SchNetPackAdapter.set_elements(model, ELEMENTS)
+    SchNetPackAdapter.set_units(model, "eV", "Ang")
+    adapter = SchNetPackAdapter()
+    torch.manual_seed(3)
+    upgraded = adapter.attach(model, GGNDConfig(channels=8, heads=2, steps=2, solver="rk4"))
+    for block in adapter.ggnd_blocks(upgraded):
+        perturb_block(block, seed=13)
+    return adapter.save(upgraded, out / "schnetpack_ggnd_best_model")
+
+
+def main(out: Path) -> None:
+    from ggnd_plugin.registry import resolve
+
+    torch.set_default_dtype(torch.float64)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [mace_file(out), *nequip_files(out), schnetpack_file(out)]
+    frames = read(str(FRAMES[0]), FRAMES[1])
+    predictions = {"frames": f"ggnd_plugin/default_data/3bpa/{FRAMES[0].name}[{FRAMES[1]}]", "files": {}}
+    for path in files:
+        adapter = resolve("auto", path)
+        model = adapter.load(path)
+        prediction = adapter.predict(copy.deepcopy(model), frames)
+        predictions["files"][path.name] = {
+            "host": adapter.name,
+            "energy": prediction.energy.tolist(),
+            "forces": prediction.forces.tolist(),
+        }
+        print(path.name, adapter.name, prediction.energy.tolist())
+    (out / "predictions.json").write_text(json.dumps(predictions, indent=1))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "v1")
