@@ -52,12 +52,23 @@ def mace_file(out: Path) -> Path:
         torch.manual_seed(0)
         interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
         model = modules.ScaleShiftMACE(
-            r_max=4.0, num_bessel=4, num_polynomial_cutoff=5, max_ell=1,
-            interaction_cls=interaction, interaction_cls_first=interaction, num_interactions=2,
-            num_elements=4, hidden_irreps=o3.Irreps("8x0e+8x1o"), MLP_irreps=o3.Irreps("4x0e"),
-            atomic_energies=np.array([-13.6, -1029.5, -1485.0, -2042.0]), avg_num_neighbors=8.0,
-            atomic_numbers=ELEMENTS, correlation=2, gate=torch.nn.functional.silu,
-            atomic_inter_scale=0.5, atomic_inter_shift=0.0,
+            r_max=4.0,
+            num_bessel=4,
+            num_polynomial_cutoff=5,
+            max_ell=1,
+            interaction_cls=interaction,
+            interaction_cls_first=interaction,
+            num_interactions=2,
+            num_elements=4,
+            hidden_irreps=o3.Irreps("8x0e+8x1o"),
+            MLP_irreps=o3.Irreps("4x0e"),
+            atomic_energies=np.array([-13.6, -1029.5, -1485.0, -2042.0]),
+            avg_num_neighbors=8.0,
+            atomic_numbers=ELEMENTS,
+            correlation=2,
+            gate=torch.nn.functional.silu,
+            atomic_inter_scale=0.5,
+            atomic_inter_shift=0.0,
         ).eval()
     adapter = MACEAdapter()
     torch.manual_seed(1)
@@ -76,10 +87,19 @@ def nequip_files(out: Path) -> tuple[Path, Path]:
         write(work / "test.xyz", frames[10:])
         config = REPO / "tests" / "data" / "nequip_ggnd_train.yaml"
         subprocess.run(
-            [str(Path(sys.executable).parent / "nequip-train"), "-cp", str(config.parent), "-cn",
-             config.stem, f"hydra.run.dir={work / 'run'}", f"train_file={work / 'train.xyz'}",
-             f"test_file={work / 'test.xyz'}"],
-            cwd=work, check=True, capture_output=True,
+            [
+                str(Path(sys.executable).parent / "nequip-train"),
+                "-cp",
+                str(config.parent),
+                "-cn",
+                config.stem,
+                f"hydra.run.dir={work / 'run'}",
+                f"train_file={work / 'train.xyz'}",
+                f"test_file={work / 'test.xyz'}",
+            ],
+            cwd=work,
+            check=True,
+            capture_output=True,
         )
         checkpoint = torch.load(work / "run" / "best.ckpt", map_location="cpu", weights_only=False)
     # Perturb the GGND parameters both where training keeps them and in the EMA copies that nequip loads
@@ -116,7 +136,9 @@ def schnetpack_file(out: Path) -> Path:
         torch.manual_seed(0)
         model = spk.model.NeuralNetworkPotential(
             representation=spk.representation.PaiNN(
-                n_atom_basis=8, n_interactions=2, radial_basis=spk.nn.GaussianRBF(n_rbf=6, cutoff=4.0),
+                n_atom_basis=8,
+                n_interactions=2,
+                radial_basis=spk.nn.GaussianRBF(n_rbf=6, cutoff=4.0),
                 cutoff_fn=spk.nn.CosineCutoff(4.0),
             ),
             input_modules=[spk.atomistic.PairwiseDistances()],
