@@ -3,29 +3,36 @@
 Read top to bottom, the file follows the data:
 
 1. :class:`GGNDConfig` and :class:`FeatureSpec` say what the block is and what the host gives it.
-2. :class:`PairTable` and its builders say which pairs ``(i, j)`` interact: every atom of the same
-   system for molecules, all periodic images within ``r_g`` for crystals.
-3. :class:`GGNDBlock` computes
+2. :class:`SystemPairs`, :class:`PairTable` and their builders say which pairs ``(i, j)`` interact:
+   every atom of the same system for molecules (square blocks, one per system), all periodic images
+   within ``r_g`` for crystals (one padded row of partners per atom).
+3. :class:`GGNDBlock` computes, for each system,
 
-   * the initial state ``Z(0)`` = per-irrep linear map of the host features + all-pairs embedding
-     ``phi_E(X, H)``;
+   * the pair geometry once per call: distances, spherical harmonics ``Y(x_ij)``, radial basis,
+     envelopes, the attention's radial bias and the filter's radial functions ``R(|x_ij|)``;
+   * the initial state ``Z(0)`` = per-irrep linear map of the host features + the atom's species
+     embedding + the embedding ``phi_E(X, H)`` of its neighbourhood, averaged over a smooth partner count;
    * the diffusion ``dz_i/dt = sum_j alpha_ij [G_ij + F_ij(G_ij)]`` with the equivariant gradient
-     ``G_ij = W_l (z_j - z_i)`` (paper eq. 2), right-stochastic attention ``alpha`` (softmax over j per
+     ``G_ij = W (z_j - z_i)`` (paper eq. 2), right-stochastic attention ``alpha`` (softmax over j per
      head, from invariants only) and the tensor filter ``F_ij`` (Clebsch-Gordan products of the
-     gradient with ``Y(x_ij)``, weighted by a learned function ``R`` of the distance and of the pair's
-     invariants, paper eq. 3), integrated from 0 to T with K explicit steps;
+     gradient with ``Y(x_ij)`` weighted by ``R_l(|x_ij|)``, gated per atom by invariants of ``z_i``,
+     paper eq. 3), integrated from 0 to T with K explicit steps;
    * the fusion readout ``E_i = W_l l_i + W_z z_i,00(T)``, both weights starting at zero, which is added
      to the host's own per-atom energy.
 
-Features are e3nn ``mul x l p`` tensors; ``Z`` uses the natural parities ``0e + 1o + 2e``. All
-tensors of the pair loop are ``(rows, M, ...)``: row i, its M candidate partners ``j`` (padded, with a
-mask). Nothing in :meth:`GGNDBlock.forward` depends on tensor values for its shapes; the pair table,
-whose width M depends on the structure, is built outside, like a host's neighbour list.
+docs/block.md states the same equations with every decision the paper leaves open and why the block is
+written this way (size safety, cost). Every pair sum is one batched matrix product per stage: the
+pair kernel ``alpha_ij K_ij,q`` times the partners' features. Nothing in :meth:`GGNDBlock.forward`
+depends on tensor values for its shapes; the pair tables are built outside, like a host's neighbour list.
+
+This file is numerics **version 2**. Files trained with ggnd-plugin 0.1.0 hold version-1 blocks, which
+:mod:`ggnd_plugin.block_v1` keeps computing exactly as before (``GGNDConfig.version``).
 """
 
 # No `from __future__ import annotations`: torch.package (nequip-package) cannot load an interned
 # dataclass whose annotations are strings.
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -36,21 +43,39 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "CURRENT_VERSION",
     "FeatureSpec",
     "GGNDBlock",
     "GGNDConfig",
+    "GGNDVersionWarning",
     "PairTable",
+    "SystemPairs",
     "complete_graph_pairs",
+    "complete_graph_systems",
     "radius_pairs",
+    "system_energy",
 ]
 
 SOLVERS = ("euler", "rk4")
 VARIANTS = ("diffusion", "local", "mp")
 INITIAL_CONDITIONS = ("host", "embedding", "both")
+# 1: ggnd-plugin 0.1.0 (ggnd_plugin.block_v1). 2: size-safe pair sums, pair geometry once per call,
+# radial filter weights R(|x_ij|) with per-atom gates, batched pair products.
+VERSIONS = (1, 2)
+CURRENT_VERSION = 2
 
 # Distances are regularised as sqrt(r^2 + eps^2) so that coincident atoms and the self pair give finite
 # values and finite derivatives; at bond lengths the change is below 1e-6 relative.
 DISTANCE_EPS = 1e-3
+# exp() of a shifted logit is clamped here (float32 overflows near 88); only pairs whose envelope weight
+# is below exp(-80) are affected, and their weight in the softmax is below float32 resolution anyway.
+MAX_EXPONENT = 80.0
+# Learned radial functions per degree in the embedding phi_E (mixed per channel).
+EMBEDDING_RADIAL = 4
+
+
+class GGNDVersionWarning(UserWarning):
+    """A mapping of GGND options without ``version`` was read as version 1 (see :class:`GGNDConfig`)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,13 +87,15 @@ class GGNDConfig:
 
     Attributes:
         channels: channels k per degree of the diffusion state Z.
-        lmax: highest degree L of Z (0, 1 or 2) and of the spherical harmonics in the filter.
+        lmax: highest degree L of Z (0, 1 or 2; 3 is accepted and slower) and of the spherical
+            harmonics in the filter.
         heads: attention heads; channels are split evenly between heads.
         steps: K, the number of solver steps from t = 0 to ``horizon``.
         horizon: T, the stopping time of the diffusion.
         solver: ``"euler"`` (explicit Euler) or ``"rk4"`` (classic Runge-Kutta).
         num_radial: size of the Gaussian radial basis.
-        radial_range: Å spanned by the radial basis when no pair radius applies (complete graph).
+        radial_range: Å spanned by the radial basis when no pair radius applies (complete graph); in
+            version 2 also the range of the embedding and of the filter's radial functions there.
         r_g: global radius (Å). ``None``: every pair of the system (molecules). A float: every pair
             within r_g including periodic images, switched off smoothly by a polynomial envelope.
         chunk_size: evaluate the pair sums in blocks of this many receiving atoms, recomputing each
@@ -84,8 +111,12 @@ class GGNDConfig:
             scalar attention (the pure-diffusion special case when ``mix_gradient`` is also False).
         mix_gradient: learn the channel mixing W_l of the gradient; False uses the identity.
         envelope_exponent: p of the polynomial envelope at the pair radius (C2-smooth cut-off).
-        pair_normalization: sums over pairs in the embedding and the ``mp`` layer are divided by its
-            square root (about the number of partners within the radial range).
+        pair_normalization: version 1 only: pair sums in the embedding and the ``mp`` layer were divided
+            by its square root. Version 2 averages over a smooth partner count instead.
+        version: the block's numerics. 2 (default): size-safe and fast (docs/block.md). 1: the numerics
+            of ggnd-plugin 0.1.0, which files trained with it keep. A saved model always carries its
+            version; a mapping of options without ``version`` (a config written for 0.1.0, e.g. inside a
+            NequIP checkpoint) is read as version 1, with a :class:`GGNDVersionWarning`.
     """
 
     channels: int = 16
@@ -105,9 +136,12 @@ class GGNDConfig:
     mix_gradient: bool = True
     envelope_exponent: int = 6
     pair_normalization: float = 16.0
+    version: int = CURRENT_VERSION
 
     def __post_init__(self) -> None:
         problems = []
+        if self.version not in VERSIONS:
+            problems.append(f"version must be one of {VERSIONS}, got {self.version}")
         if self.channels < 1:
             problems.append(f"channels must be >= 1, got {self.channels}")
         if not 0 <= self.lmax <= 3:
@@ -134,8 +168,16 @@ class GGNDConfig:
             problems.append(f"chunk_size must be None or >= 1, got {self.chunk_size}")
         if self.num_radial < 2:
             problems.append(f"num_radial must be >= 2, got {self.num_radial}")
+        if not self.radial_range > 0:
+            problems.append(f"radial_range must be > 0, got {self.radial_range}")
         if problems:
             raise ValueError("invalid GGNDConfig: " + "; ".join(problems))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A config unpickled from a 0.1.0 file has no version attribute: it describes a version-1 block.
+        state = dict(state)
+        state.setdefault("version", 1)
+        self.__dict__.update(state)
 
     @property
     def pair_radius(self) -> float | None:
@@ -168,11 +210,22 @@ class GGNDConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "GGNDConfig":
+        """Options from a mapping; one without ``version`` was written for 0.1.0 and is version 1."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown GGND option(s) {unknown}; known options: {sorted(known)}")
-        return cls(**dict(values))
+        values = dict(values)
+        if "version" not in values:
+            warnings.warn(
+                "GGND options without 'version' are read as version 1, the numerics of ggnd-plugin 0.1.0 "
+                "that models trained with it keep; new models should say 'version: 2' (size-safe and "
+                "faster, docs/block.md)",
+                GGNDVersionWarning,
+                stacklevel=2,
+            )
+            values["version"] = 1
+        return cls(**values)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,6 +273,10 @@ class FeatureSpec:
                 columns.extend(range(part.start, part.start + mul))
         return columns
 
+    def field_dims(self) -> tuple[tuple[str, int], ...]:
+        """(name, width) of each field, as plain integers (nothing of e3nn left to trace)."""
+        return tuple((name, o3.Irreps(irreps).dim) for name, irreps in self.fields)
+
     def concatenate(self, features: Mapping[str, Tensor] | Tensor, num_atoms: int) -> Tensor:
         """Check the host tensors against the declaration and concatenate them."""
         if isinstance(features, Tensor):
@@ -230,11 +287,10 @@ class FeatureSpec:
                 )
             features = {self.fields[0][0]: features}
         parts = []
-        for name, irreps in self.fields:
+        for (name, irreps), (_, dim) in zip(self.fields, _field_dims(self), strict=True):
             if name not in features:
                 raise KeyError(f"host feature '{name}' ({irreps}) is missing; got {sorted(features)}")
             tensor = features[name]
-            dim = o3.Irreps(irreps).dim
             if tensor.dim() != 2 or tensor.shape[0] != num_atoms or tensor.shape[1] != dim:
                 raise ValueError(
                     f"host feature '{name}' should have shape ({num_atoms}, {dim}) for irreps {irreps}, "
@@ -254,9 +310,39 @@ class FeatureSpec:
         return "\n".join(lines)
 
 
+_FIELD_DIMS: dict[int, tuple[tuple[str, int], ...]] = {}
+
+
+def _field_dims(spec: FeatureSpec) -> tuple[tuple[str, int], ...]:
+    # Computed once per spec: parsing irreps strings on every call costs time and trips torch.compile.
+    key = id(spec)
+    cached = _FIELD_DIMS.get(key)
+    if cached is None or len(cached) != len(spec.fields):
+        cached = _FIELD_DIMS[key] = spec.field_dims()
+    return cached
+
+
 # --------------------------------------------------------------------------------------------------
 # Which pairs interact
 # --------------------------------------------------------------------------------------------------
+@dataclass
+class SystemPairs:
+    """Every pair of atoms of the same system, as one square block per system.
+
+    Each system occupies a row of ``atoms`` (``(n_systems, width)``, ``width`` = largest system): the
+    atom index in each slot, padded where a system is smaller (``mask`` False). Every slot is a partner
+    of every slot of its system, itself included (the self pair: distance zero, no gradient, so that
+    attention denominators never vanish). ``slots[a]`` is atom ``a``'s position in the flattened
+    ``(n_systems * width)`` layout. ``same_system`` (optional, ``(n_systems, width, width)``) restricts
+    the pairs further: a traced model puts all atoms in one block and masks pairs across systems.
+    """
+
+    atoms: Tensor
+    mask: Tensor
+    slots: Tensor
+    same_system: Tensor | None = None
+
+
 @dataclass
 class PairTable:
     """Partners of every atom as a padded table.
@@ -304,8 +390,44 @@ def _check_batch(positions: Tensor, batch: Tensor) -> None:
         raise ValueError("atoms must be grouped by system: batch must be non-decreasing")
 
 
+def complete_graph_systems(batch: Tensor) -> SystemPairs:
+    """Every pair of atoms in the same system (molecules, ``r_g=None``), as square blocks per system."""
+    n = batch.shape[0]
+    device = batch.device
+    counts = torch.bincount(batch)
+    num_systems, width = counts.shape[0], int(counts.max())
+    index = torch.arange(n, device=device)
+    if num_systems * width == n:  # equal sizes (MD replicas): the blocks are a reshape
+        mask = torch.ones(num_systems, width, dtype=torch.bool, device=device)
+        return SystemPairs(atoms=index.reshape(num_systems, width), mask=mask, slots=index)
+    starts = torch.cumsum(counts, 0) - counts
+    slots = batch * width + (index - starts[batch])
+    # Padding slots point at an atom of their own system (the last one), so their geometry stays finite.
+    atoms = (starts + counts - 1).clamp(0, n - 1)[:, None].expand(num_systems, width).reshape(-1).clone()
+    atoms[slots] = index
+    mask = torch.zeros(num_systems * width, dtype=torch.bool, device=device)
+    mask[slots] = True
+    return SystemPairs(atoms.reshape(num_systems, width), mask.reshape(num_systems, width), slots)
+
+
+def traceable_complete_graph(batch: Tensor) -> SystemPairs:
+    """The complete graph as one block over all atoms, pairs across systems masked.
+
+    No size depends on values, so a model tracing with symbolic sizes (``nequip-compile``) can use it;
+    for one system it is exactly :func:`complete_graph_systems`, for a batch it costs ``(sum n)^2``.
+    """
+    n = batch.shape[0]
+    index = torch.arange(n, device=batch.device)
+    return SystemPairs(
+        atoms=index[None],
+        mask=torch.ones(1, n, dtype=torch.bool, device=batch.device),
+        slots=index,
+        same_system=(batch[:, None] == batch[None, :])[None],
+    )
+
+
 def complete_graph_pairs(batch: Tensor) -> PairTable:
-    """Every pair (i, j) of atoms in the same system, including i = j (molecules, ``r_g=None``)."""
+    """Every pair (i, j) of atoms in the same system, including i = j, as a padded table of rows."""
     counts = torch.bincount(batch)
     starts = torch.cumsum(counts, 0) - counts
     width = int(counts.max())
@@ -376,7 +498,7 @@ def radius_pairs(
 
 
 # --------------------------------------------------------------------------------------------------
-# Geometry of the pairs of a block of rows
+# Radial functions and spherical harmonics
 # --------------------------------------------------------------------------------------------------
 def polynomial_envelope(x: Tensor, p: int) -> Tensor:
     """1 at x = 0, 0 for x >= 1, with value, first and second derivative continuous at x = 1."""
@@ -409,39 +531,36 @@ class RadialBasis(nn.Module):
         return torch.exp(-(((r[..., None] - self.centers) / self.width) ** 2))
 
 
-@dataclass
-class PairGeometry:
-    """Distances, basis, envelope and spherical harmonics of a block of rows: ``(rows, M, ...)``."""
+def spherical_harmonics(vectors: Tensor, lmax: int) -> Tensor:
+    """e3nn's real spherical harmonics of degrees 0..lmax (component normalisation, not normalised).
 
-    rbf: Tensor
-    weight: Tensor  # envelope x mask: the smooth presence of each pair, 0 for padding
-    sh: list[Tensor]  # per degree l: (rows, M, 2l + 1)
-
-
-def pair_geometry(
-    positions: Tensor,
-    rows: slice,
-    pairs: PairTable,
-    cell_per_atom: Tensor | None,
-    radial: RadialBasis,
-    harmonics: o3.SphericalHarmonics,
-    lmax: int,
-) -> PairGeometry:
-    vectors = positions[pairs.senders] - positions[rows][:, None, :]
-    if pairs.cell_shifts is not None and cell_per_atom is not None:
-        vectors = vectors + torch.einsum("nmk,nkl->nml", pairs.cell_shifts, cell_per_atom[rows])
-    r = torch.sqrt((vectors * vectors).sum(-1) + DISTANCE_EPS**2)
-    # x / sqrt(r^2 + eps^2) is a unit vector away from r = 0 and smooth at r = 0, where the
-    # harmonics of degree >= 1 (homogeneous polynomials) vanish.
-    directions = vectors / r[..., None]
-    sh_all = harmonics(directions)
-    sh = [sh_all[..., l * l : (l + 1) * (l + 1)] for l in range(lmax + 1)]
-    weight = radial.envelope(r) * pairs.mask.to(r.dtype)
-    return PairGeometry(rbf=radial(r), weight=weight, sh=sh)
+    Written out for lmax <= 2 (a handful of element-wise products instead of e3nn's general code, and
+    nothing for torch.compile to trip over); the tests check them against ``e3nn.o3.spherical_harmonics``.
+    Columns: l = 0, then l = 1 as (x, y, z), then l = 2; ``(..., (lmax + 1)^2)``.
+    """
+    if lmax > 2:
+        return o3.spherical_harmonics(
+            list(range(lmax + 1)), vectors, normalize=False, normalization="component"
+        )
+    x, y, z = vectors.unbind(-1)
+    parts = [torch.ones_like(x)]
+    if lmax >= 1:
+        root3 = math.sqrt(3.0)
+        parts += [root3 * x, root3 * y, root3 * z]
+    if lmax >= 2:
+        root15, root5 = math.sqrt(15.0), math.sqrt(5.0)
+        parts += [
+            root15 * x * z,
+            root15 * x * y,
+            root5 * (y * y - 0.5 * (x * x + z * z)),
+            root15 * y * z,
+            0.5 * root15 * (z * z - x * x),
+        ]
+    return torch.stack(parts, dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------
-# Equivariant pieces
+# Equivariant layouts and couplings
 # --------------------------------------------------------------------------------------------------
 def split_degrees(x: Tensor, channels: int, lmax: int) -> list[Tensor]:
     """(..., D) with irreps ``C x 0e + C x 1o + ...`` -> per degree (..., C, 2l + 1)."""
@@ -455,6 +574,21 @@ def split_degrees(x: Tensor, channels: int, lmax: int) -> list[Tensor]:
 
 def join_degrees(parts: list[Tensor]) -> Tensor:
     return torch.cat([p.reshape(*p.shape[:-2], -1) for p in parts], dim=-1)
+
+
+def to_channels(x: Tensor, channels: int, lmax: int) -> Tensor:
+    """e3nn layout (..., D) -> (..., C, (lmax+1)^2): each channel's components of all degrees in a row."""
+    return torch.cat(split_degrees(x, channels, lmax), dim=-1)
+
+
+def from_channels(x: Tensor, lmax: int) -> Tensor:
+    """(..., C, (lmax+1)^2) -> e3nn layout (..., D); the inverse of :func:`to_channels`."""
+    return join_degrees([x[..., l * l : (l + 1) * (l + 1)] for l in range(lmax + 1)])
+
+
+def degree_of_component(lmax: int) -> list[int]:
+    """The degree l of each of the (lmax+1)^2 components, in the order of :func:`spherical_harmonics`."""
+    return [l for l in range(lmax + 1) for _ in range(2 * l + 1)]
 
 
 def state_irreps(channels: int, lmax: int) -> o3.Irreps:
@@ -472,53 +606,133 @@ def filter_paths(lmax: int) -> list[tuple[int, int, int]]:
     ]
 
 
-class TensorFilter(nn.Module):
-    """F_ij(G) = sum over paths of w_ij,path,c * CG(G_ij,c ; Y(x_ij)), the tensor part of S_ij.
+def filter_couplings(lmax: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The tensor filter's Clebsch-Gordan algebra as three constant matrices.
 
-    The weights ``w`` are the radial function R(|x_ij|) and the invariant part of the pair interaction
-    phi(z_i, z_j) in one small MLP of [basis(r_ij), a(z_i) + b(z_j)], so the filter stays invariant in
-    its weights and equivariant in its CG structure.
+    The filter's pair sum gives, per atom and channel, ``T[f, a]``: the kernel ``R_l(f) Y_f`` (component
+    ``f`` of the harmonics) against component ``a`` of the gradient. Then, for every path
+    ``p = (l_in, l_f, l_out)``:
+
+        F_l_out,o = sum_p  gate_p  sum_{f in l_f, a in l_in}  CG_p[a, f, o] sqrt(2 l_out + 1) / sqrt(n_p)  T[f, a]
+
+    with ``n_p`` the number of paths into ``l_out``. Returned: ``coupling`` ``(C' * C', P_out)`` maps the
+    flattened ``T`` to every path's output components at once (normalisations folded in), ``expand``
+    ``(n_paths, P_out)`` copies each path's gate onto its output columns, and ``collect``
+    ``(P_out, C')`` adds each path's output into the components of its ``l_out``. ``C' = (lmax+1)^2``.
+    """
+    paths = filter_paths(lmax)
+    components = (lmax + 1) ** 2
+    outputs = sum(2 * l_out + 1 for _, _, l_out in paths)
+    fan_in = [sum(1 for p in paths if p[2] == l) for l in range(lmax + 1)]
+    coupling = torch.zeros(components, components, outputs, dtype=torch.float64)
+    expand = torch.zeros(len(paths), outputs, dtype=torch.float64)
+    collect = torch.zeros(outputs, components, dtype=torch.float64)
+    column = 0
+    for index, (l_in, l_f, l_out) in enumerate(paths):
+        cg = o3.wigner_3j(l_in, l_f, l_out, dtype=torch.float64)  # (2l_in+1, 2l_f+1, 2l_out+1), unit norm
+        size = 2 * l_out + 1
+        # coupling[f, a, o]: f a component of Y_l_f, a one of the gradient's degree l_in
+        block = cg.permute(1, 0, 2) * math.sqrt(size) / math.sqrt(fan_in[l_out])
+        coupling[l_f * l_f : (l_f + 1) ** 2, l_in * l_in : (l_in + 1) ** 2, column : column + size] = block
+        expand[index, column : column + size] = 1.0
+        collect[column : column + size, l_out * l_out : (l_out + 1) ** 2] = torch.eye(
+            size, dtype=torch.float64
+        )
+        column += size
+    return coupling.reshape(components * components, outputs), expand, collect
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the pair loop's rows and partners live
+# --------------------------------------------------------------------------------------------------
+class _SystemLayout:
+    """Rows are the slots of each system's square block; every slot of the system is a partner.
+
+    Tensors of rows are ``(n_systems, width, ...)``; partners are the same slots, so a pair sum over
+    partners is a batched matrix product with no gather.
     """
 
-    def __init__(self, channels: int, lmax: int, num_radial: int, num_invariants: int, hidden: int):
-        super().__init__()
-        self.channels, self.lmax = channels, lmax
-        self.paths = filter_paths(lmax)
-        for index, (l_in, l_f, l_out) in enumerate(self.paths):
-            # e3nn's wigner_3j has unit Frobenius norm; sqrt(2l_out + 1) normalises the product per component.
-            self.register_buffer(f"cg_{index}", o3.wigner_3j(l_in, l_f, l_out) * math.sqrt(2 * l_out + 1))
-        fan_in = [sum(1 for p in self.paths if p[2] == l) for l in range(lmax + 1)]
-        self.register_buffer("path_norm", torch.tensor([fan_in[p[2]] ** -0.5 for p in self.paths]))
-        self.pair_in = nn.Linear(num_invariants, hidden, bias=False)
-        self.pair_out = nn.Linear(num_invariants, hidden, bias=False)
-        self.radial = nn.Linear(num_radial, hidden)
-        self.weights = nn.Linear(hidden, len(self.paths) * channels)
+    def __init__(self, pairs: SystemPairs, positions: Tensor):
+        self.pairs = pairs
+        self.positions = positions[pairs.atoms]  # (S, N, 3)
+        self.num_rows = pairs.atoms.shape[1]
 
-    def atom_terms(self, invariants: Tensor) -> tuple[Tensor, Tensor]:
-        return self.pair_in(invariants), self.pair_out(invariants)
+    def rows(self, x: Tensor) -> Tensor:
+        return x[self.pairs.atoms]
 
-    def forward(
-        self, gradient: list[Tensor], sh: list[Tensor], rbf: Tensor, term_i: Tensor, term_j: Tensor
-    ) -> list[Tensor]:
-        hidden = torch.nn.functional.silu(self.radial(rbf) + term_i[:, None, :] + term_j)
-        w = self.weights(hidden).unflatten(-1, (len(self.paths), self.channels)) * self.path_norm[:, None]
-        out = [torch.zeros_like(g) for g in gradient]
-        for index, (l_in, l_f, l_out) in enumerate(self.paths):
-            cg = getattr(self, f"cg_{index}")
-            # Two contractions rather than one three-operand einsum: opt_einsum's path search would fix
-            # the tensor sizes at export time.
-            coupling = torch.einsum("abk,nmb->nmak", cg, sh[l_f])
-            product = torch.einsum("nmak,nmca->nmck", coupling, gradient[l_in])
-            out[l_out] = out[l_out] + w[..., index, :, None] * product
-        return out
+    def atoms(self, y: Tensor) -> Tensor:
+        return y.reshape(-1, *y.shape[2:])[self.pairs.slots]
+
+    def take(self, y: Tensor, start: int, stop: int) -> Tensor:
+        return y[:, start:stop]
+
+    def join(self, parts: list[Tensor]) -> Tensor:
+        return torch.cat(parts, dim=1)
+
+    def partners(self, y: Tensor, start: int, stop: int) -> Tensor:
+        return y
+
+    def geometry_inputs(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Pair vectors ``(S, r, N, 3)`` from the rows ``start:stop`` to every partner, and presence."""
+        positions = self.positions
+        vectors = positions[:, None, :, :] - positions[:, start:stop, None, :]
+        width = positions.shape[1]
+        present = self.pairs.mask[:, None, :].expand(-1, stop - start, width)
+        if self.pairs.same_system is not None:
+            present = present & self.pairs.same_system[:, start:stop]
+        own = torch.arange(start, stop, device=positions.device)[:, None] == torch.arange(
+            width, device=positions.device
+        )
+        # Padding rows attend to themselves only, so every row has a partner and stays finite.
+        return vectors, present | own
 
 
-def invariants_of(z: list[Tensor]) -> Tensor:
-    """Per channel: the scalars and the norms of the degree >= 1 parts (smooth at zero)."""
-    parts = [z[0][..., 0]]
-    for zl in z[1:]:
-        parts.append(torch.sqrt((zl * zl).sum(-1) + DISTANCE_EPS**2) - DISTANCE_EPS)
-    return torch.cat(parts, dim=-1)
+class _RowLayout:
+    """One row per atom with the partners of a :class:`PairTable` (periodic images, finite radii)."""
+
+    def __init__(self, pairs: PairTable, positions: Tensor, cell_per_atom: Tensor | None):
+        self.pairs = pairs
+        self.positions = positions
+        self.cell_per_atom = cell_per_atom
+        self.num_rows = positions.shape[0]
+
+    def rows(self, x: Tensor) -> Tensor:
+        return x[:, None]
+
+    def atoms(self, y: Tensor) -> Tensor:
+        return y[:, 0]
+
+    def take(self, y: Tensor, start: int, stop: int) -> Tensor:
+        return y[start:stop]
+
+    def join(self, parts: list[Tensor]) -> Tensor:
+        return torch.cat(parts, dim=0)
+
+    def partners(self, y: Tensor, start: int, stop: int) -> Tensor:
+        return y[:, 0][self.pairs.senders[start:stop]]
+
+    def geometry_inputs(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        senders = self.pairs.senders[start:stop]
+        vectors = self.positions[senders] - self.positions[start:stop, None, :]
+        if self.pairs.cell_shifts is not None and self.cell_per_atom is not None:
+            vectors = vectors + torch.einsum(
+                "nmk,nkl->nml", self.pairs.cell_shifts[start:stop], self.cell_per_atom[start:stop]
+            )
+        return vectors[:, None], self.pairs.mask[start:stop, None]
+
+
+@dataclass
+class _Geometry:
+    """Everything about a block of pairs that does not change during the diffusion: ``(B, R, M)`` per
+    pair (rows, partners), with the feature axis where a batched product wants it."""
+
+    presence: Tensor  # (B, 1, R, M): the attention weight of a pair (envelope at r_g, 0 for padding)
+    log_presence: Tensor  # (B, 1, R, M): its logarithm, detached (-inf for absent pairs)
+    local: Tensor  # (B, R, M): presence times the envelope at the embedding's range
+    count: Tensor  # (B, R): smooth partner count, sum_j local_ij (>= 1: the self pair)
+    attention_bias: Tensor | None  # (B, H, R, M)
+    filter_kernel: Tensor | None  # (B, R, C', M): local * R_l(f)(r) * Y_f(x)
+    embedding_kernel: Tensor | None  # (B, R * S * C', M): local * rho_s,l(f)(r) * Y_f(x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -530,26 +744,50 @@ class GGNDBlock(nn.Module):
     ``forward`` returns the block's per-atom energy contribution ``W_l l_i + W_z z_i,00(T)``; a host
     adds it to its own per-atom (or total) energy before taking forces, so forces stay conservative.
     At construction both readout weights are zero: the host's predictions are unchanged until trained.
+
+    ``GGNDBlock(spec, config)`` with ``config.version == 1`` builds the 0.1.0 block
+    (:class:`ggnd_plugin.block_v1.LegacyGGNDBlock`), as does unpickling a block saved by 0.1.0.
     """
+
+    def __new__(cls, *args, **kwargs):
+        config = kwargs.get("config", args[1] if len(args) > 1 else None)
+        if cls is GGNDBlock and config is not None and getattr(config, "version", CURRENT_VERSION) == 1:
+            from ggnd_plugin.block_v1 import LegacyGGNDBlock
+
+            return super().__new__(LegacyGGNDBlock)
+        return super().__new__(cls)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if type(self) is GGNDBlock and self.config.version == 1:
+            from ggnd_plugin.block_v1 import LegacyGGNDBlock
+
+            self.__class__ = LegacyGGNDBlock
 
     def __init__(self, spec: FeatureSpec, config: GGNDConfig | None = None):
         super().__init__()
         config = config or GGNDConfig()
-        self.spec, self.config = spec, config
+        if config.version != 2:
+            raise ValueError(f"GGNDBlock builds version 2 (got a version-{config.version} config)")
         if config.variant == "local" and config.local_cutoff is None:
             raise ValueError(
                 "GGNDConfig variant 'local' needs local_cutoff (the host's cutoff radius, in Å) to build a block"
             )
-        c, lmax = config.channels, config.lmax
+        self.spec, self.config = spec, config
+        c, lmax, heads = config.channels, config.lmax, config.heads
+        # Plain integers for everything forward reads: e3nn's Irreps objects stay out of traced code.
+        self.channels, self.lmax, self.heads = c, lmax, heads
+        self.head_dim = c // heads
+        self.components = (lmax + 1) ** 2
+        self.state_dim = c * self.components
+        self.pair_radius = config.pair_radius
+        self.span = config.pair_radius if config.pair_radius is not None else config.radial_range
         self.irreps_state = state_irreps(c, lmax)
         self.irreps_host = spec.irreps
         self.radial = RadialBasis(
             config.num_radial, config.radial_range, config.pair_radius, config.envelope_exponent
         )
-        # A module built once (not o3.spherical_harmonics per call), so export sees no new constants.
-        self.harmonics = o3.SphericalHarmonics(
-            list(range(lmax + 1)), normalize=False, normalization="component"
-        )
+        self.register_buffer("component_degree", torch.tensor(degree_of_component(lmax)), persistent=False)
         num_invariants = c * (lmax + 1)
         hidden = max(16, c)
 
@@ -560,36 +798,58 @@ class GGNDBlock(nn.Module):
             self.host_to_state = o3.Linear(self.irreps_host, self.irreps_state)
         if self.uses_embedding:
             self.species_embedding = nn.Embedding(spec.num_species, c)
-            self.embedding_radial = nn.Sequential(
-                nn.Linear(config.num_radial, hidden), nn.SiLU(), nn.Linear(hidden, c * (lmax + 1))
-            )
+            # R^E_l,c(r) = sum_s W[s, l, c] rho_s,l(r): a few learned radial functions per degree (from
+            # pair_radial), mixed per channel, so the neighbourhood sum is one batched product of a small
+            # pair kernel with the partners' species embedding.
+            self.embedding_mixing = nn.Parameter(torch.randn(EMBEDDING_RADIAL, lmax + 1, c))
 
-        # Diffusion operators.
-        self.gradient_mixing = (
-            o3.Linear(self.irreps_state, self.irreps_state) if config.mix_gradient else None
+        # Diffusion operators. W of the gradient: one C x C matrix per degree, initialised and normalised
+        # as e3nn's o3.Linear (weights N(0, 1), divided by sqrt(C) in use).
+        self.gradient_mixing = nn.Parameter(torch.randn(lmax + 1, c, c)) if config.mix_gradient else None
+        self.query = nn.Linear(num_invariants, heads * self.head_dim)
+        self.key = nn.Linear(num_invariants, heads * self.head_dim, bias=False)
+        self.attention_radial = nn.Linear(config.num_radial, heads)
+        self.tensor_filter = config.tensor_filter
+        if config.tensor_filter:
+            paths = filter_paths(lmax)
+            self.num_paths = len(paths)
+            # R_lf(|x_ij|): one radial function per filter degree (from pair_radial), shared by the
+            # channels; the per-atom gates make the filter channel- and path-specific.
+            self.filter_gate = nn.Linear(num_invariants, self.num_paths * c)
+            coupling, expand, collect = filter_couplings(lmax)
+            dtype = torch.get_default_dtype()
+            self.register_buffer("filter_coupling", coupling.to(dtype), persistent=False)
+            self.register_buffer("filter_expand", expand.to(dtype), persistent=False)
+            self.register_buffer("filter_collect", collect.to(dtype), persistent=False)
+
+        # The radial functions of the geometry: R_l of the filter, then rho_s,l of the embedding, one MLP
+        # of the Gaussian basis (evaluated once per pair and call).
+        self.radial_outputs = (lmax + 1) * (
+            int(config.tensor_filter) + EMBEDDING_RADIAL * int(self.uses_embedding)
         )
-        head_dim = c // config.heads
-        self.query = nn.Linear(num_invariants, config.heads * head_dim)
-        self.key = nn.Linear(num_invariants, config.heads * head_dim, bias=False)
-        self.attention_radial = nn.Linear(config.num_radial, config.heads)
-        self.filter = (
-            TensorFilter(c, lmax, config.num_radial, num_invariants, hidden) if config.tensor_filter else None
-        )
-        self.register_buffer("channel_head", torch.arange(c) // head_dim)
+        if self.radial_outputs:
+            self.pair_radial = nn.Sequential(
+                nn.Linear(config.num_radial, hidden), nn.SiLU(), nn.Linear(hidden, self.radial_outputs)
+            )
+        expand = torch.tensor(degree_of_component(lmax))[None, :] == torch.arange(lmax + 1)[:, None]
+        self.register_buffer("degree_expand", expand.to(torch.get_default_dtype()), persistent=False)
 
         # Fusion readout E_i = W_l l_i + W_z z_i,00(T), both starting at zero.
         self.register_buffer(
             "host_invariant_columns", torch.tensor(spec.invariant_indices(), dtype=torch.long)
         )
+        self.has_host_invariants = bool(spec.invariant_dim)
         self.readout_host = nn.Linear(max(spec.invariant_dim, 1), 1, bias=False)
         self.readout_state = nn.Linear(c, 1, bias=False)
         nn.init.zeros_(self.readout_host.weight)
         nn.init.zeros_(self.readout_state.weight)
+        # In every state dict, so a saved block says which numerics it needs (see _load_from_state_dict).
+        self.register_buffer("numerics_version", torch.tensor(2, dtype=torch.long))
 
     # ---- public API --------------------------------------------------------------------------------
     def pairs(
         self, positions: Tensor, batch: Tensor, cell: Tensor | None = None, pbc: Tensor | None = None
-    ) -> PairTable:
+    ) -> "SystemPairs | PairTable":
         """The pair table this block's configuration asks for (call outside the traced forward)."""
         _check_batch(positions, batch)
         radius = self.config.pair_radius
@@ -598,7 +858,7 @@ class GGNDBlock(nn.Module):
                 raise ValueError(
                     "periodic systems need a finite global radius: set GGNDConfig.r_g (e.g. 10.0 Å)"
                 )
-            return complete_graph_pairs(batch)
+            return complete_graph_systems(batch)
         return radius_pairs(positions, batch, radius, cell=cell, pbc=pbc)
 
     def forward(
@@ -606,16 +866,16 @@ class GGNDBlock(nn.Module):
         host_features: Mapping[str, Tensor] | Tensor,
         positions: Tensor,
         species: Tensor,
-        pairs: PairTable,
+        pairs: "SystemPairs | PairTable",
         batch: Tensor | None = None,
         cell: Tensor | None = None,
     ) -> Tensor:
         """Per-atom energy contribution (n_atoms,). ``cell`` (n_systems, 3, 3) needs ``batch``."""
         host = self.spec.concatenate(host_features, positions.shape[0])
-        z_final = self.diffuse(host, positions, species, pairs, batch, cell)
-        scalars = z_final[:, : self.config.channels]
+        layout, z = self._diffuse(host, positions, species, pairs, batch, cell)
+        scalars = layout.atoms(z[..., 0])  # z_i,00(T): (n_atoms, C)
         energy = self.readout_state(scalars).squeeze(-1)
-        if self.host_invariant_columns.numel():
+        if self.has_host_invariants:
             energy = energy + self.readout_host(host[:, self.host_invariant_columns]).squeeze(-1)
         return energy
 
@@ -624,162 +884,277 @@ class GGNDBlock(nn.Module):
         host: Tensor,
         positions: Tensor,
         species: Tensor,
-        pairs: PairTable,
+        pairs: "SystemPairs | PairTable",
         batch: Tensor | None = None,
         cell: Tensor | None = None,
     ) -> Tensor:
-        """Z(T) as a flat e3nn tensor with irreps ``self.irreps_state``."""
+        """Z(T) as a flat e3nn tensor ``(n_atoms, D)`` with irreps ``self.irreps_state``."""
+        layout, z = self._diffuse(host, positions, species, pairs, batch, cell)
+        return from_channels(layout.atoms(z), self.lmax)
+
+    def initial_state(
+        self,
+        host: Tensor,
+        positions: Tensor,
+        species: Tensor,
+        pairs: "SystemPairs | PairTable",
+        batch: Tensor | None = None,
+        cell: Tensor | None = None,
+    ) -> Tensor:
+        """Z(0) as a flat e3nn tensor ``(n_atoms, D)``."""
+        layout = self._layout(positions, pairs, batch, cell)
+        geometry = self._geometry(layout, 0, layout.num_rows) if self._whole() else None
+        z = self._initial_state(host, species, layout, geometry)
+        return from_channels(layout.atoms(z), self.lmax)
+
+    # ---- the integration ---------------------------------------------------------------------------
+    def _layout(self, positions, pairs, batch, cell):
+        if isinstance(pairs, SystemPairs):
+            return _SystemLayout(pairs, positions)
         cell_per_atom = None
         if pairs.cell_shifts is not None:
             if cell is None or batch is None:
                 raise ValueError("a periodic pair table needs cell and batch")
             cell_per_atom = cell.reshape(-1, 3, 3)[batch]
-        z = self.initial_state(host, positions, species, pairs, cell_per_atom)
-        if self.config.variant == "mp":
-            return z + self.rhs(z, positions, pairs, cell_per_atom)
-        tau = self.config.step_size
-        for _ in range(self.config.steps):
-            if self.config.solver == "euler":
-                z = z + tau * self.rhs(z, positions, pairs, cell_per_atom)
-            else:
-                k1 = self.rhs(z, positions, pairs, cell_per_atom)
-                k2 = self.rhs(z + 0.5 * tau * k1, positions, pairs, cell_per_atom)
-                k3 = self.rhs(z + 0.5 * tau * k2, positions, pairs, cell_per_atom)
-                k4 = self.rhs(z + tau * k3, positions, pairs, cell_per_atom)
-                z = z + tau / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
-        return z
+        return _RowLayout(pairs, positions, cell_per_atom)
 
-    # ---- Z(0) --------------------------------------------------------------------------------------
-    def initial_state(
-        self, host: Tensor, positions: Tensor, species: Tensor, pairs: PairTable, cell_per_atom: Tensor | None
-    ) -> Tensor:
-        n = positions.shape[0]
-        z = positions.new_zeros(n, self.irreps_state.dim)
-        if self.uses_host:
-            z = z + self.host_to_state(host)
-        if self.uses_embedding:
-            if not _tracing() and (species.min() < 0 or species.max() >= self.spec.num_species):
+    def _whole(self) -> bool:
+        return self.config.chunk_size is None
+
+    def _diffuse(self, host, positions, species, pairs, batch, cell):
+        if not _tracing() and self.uses_embedding and positions.shape[0]:
+            if species.min() < 0 or species.max() >= self.spec.num_species:
                 raise ValueError(
                     f"species indices must lie in 0..{self.spec.num_species - 1}, "
                     f"got {int(species.min())}..{int(species.max())}"
                 )
-            embedded = self.species_embedding(species)
-            pair_part = self._over_rows(self._embedding_rows, n, positions, pairs, cell_per_atom, embedded)
-            own_part = torch.nn.functional.pad(embedded, (0, self.irreps_state.dim - self.config.channels))
-            z = z + pair_part + own_part
-        return z
+        layout = self._layout(positions, pairs, batch, cell)
+        # The geometry of all pairs is computed once and reused by every stage; chunked evaluation
+        # instead recomputes each block's geometry where it is needed (memory linear in N).
+        geometry = self._geometry(layout, 0, layout.num_rows) if self._whole() else None
+        z = self._initial_state(host, species, layout, geometry)
+        if self.config.variant == "mp":
+            return layout, z + self._rhs(z, layout, geometry)
+        tau = self.config.step_size
+        for _ in range(self.config.steps):
+            if self.config.solver == "euler":
+                z = z + tau * self._rhs(z, layout, geometry)
+            else:
+                k1 = self._rhs(z, layout, geometry)
+                k2 = self._rhs(z + 0.5 * tau * k1, layout, geometry)
+                k3 = self._rhs(z + 0.5 * tau * k2, layout, geometry)
+                k4 = self._rhs(z + tau * k3, layout, geometry)
+                z = z + tau / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+        return layout, z
 
-    def _embedding_rows(
-        self, rows: slice, positions: Tensor, pairs: PairTable, cell_per_atom: Tensor | None, embedded: Tensor
-    ) -> Tensor:
-        c, lmax = self.config.channels, self.config.lmax
-        geo = pair_geometry(positions, rows, pairs, cell_per_atom, self.radial, self.harmonics, lmax)
-        radial = self.embedding_radial(geo.rbf).unflatten(-1, (lmax + 1, c))
-        partner = embedded[pairs.senders] * geo.weight[..., None]  # (rows, M, C)
-        scale = self.config.pair_normalization**-0.5
-        parts = [
-            torch.einsum("nmc,nmk->nck", radial[..., l, :] * partner, geo.sh[l]) * scale
-            for l in range(lmax + 1)
-        ]
-        return join_degrees(parts)
-
-    # ---- dZ/dt -------------------------------------------------------------------------------------
-    def rhs(self, z: Tensor, positions: Tensor, pairs: PairTable, cell_per_atom: Tensor | None) -> Tensor:
-        """dZ/dt for every atom (or the message of the ``mp`` variant)."""
-        c, lmax = self.config.channels, self.config.lmax
-        mixed = self.gradient_mixing(z) if self.gradient_mixing is not None else z
-        invariants = invariants_of(split_degrees(z, c, lmax))
-        head_dim = c // self.config.heads
-        query = self.query(invariants).unflatten(-1, (self.config.heads, head_dim))
-        key = self.key(invariants).unflatten(-1, (self.config.heads, head_dim))
-        terms = self.filter.atom_terms(invariants) if self.filter is not None else (None, None)
-        return self._over_rows(
-            self._message_rows, z.shape[0], positions, pairs, cell_per_atom, mixed, query, key, *terms
+    # ---- geometry ----------------------------------------------------------------------------------
+    def _geometry(self, layout, start: int, stop: int, need_embedding: bool = True) -> _Geometry:
+        vectors, present = layout.geometry_inputs(start, stop)  # (B, R, M, 3), (B, R, M)
+        r = torch.sqrt((vectors * vectors).sum(-1) + DISTANCE_EPS**2)
+        # x / sqrt(r^2 + eps^2) is a unit vector away from r = 0 and smooth at r = 0, where the
+        # harmonics of degree >= 1 (homogeneous polynomials) vanish.
+        sh = spherical_harmonics(vectors / r[..., None], self.lmax)  # (B, R, M, C')
+        rbf = self.radial(r)  # (B, R, M, K)
+        present = present.to(r.dtype)
+        presence = present if self.pair_radius is None else present * self.radial.envelope(r)
+        if self.pair_radius is None:
+            local = present * polynomial_envelope(r / self.span, self.config.envelope_exponent)
+        else:
+            local = presence
+        attention_bias = filter_kernel = embedding_kernel = None
+        if self.config.variant != "mp":
+            attention_bias = self.attention_radial(rbf).permute(0, 3, 1, 2)
+        if self.radial_outputs:
+            # (B, R, M, F + S, L+1) -> per component (B, R, M, F + S, C'), times the local envelope
+            radial = self.pair_radial(rbf).unflatten(-1, (-1, self.lmax + 1)) @ self.degree_expand
+            kernel = (radial * (local[..., None] * sh)[..., None, :]).permute(0, 1, 3, 4, 2)
+            if self.tensor_filter:
+                filter_kernel, kernel = kernel[:, :, 0], kernel[:, :, 1:]  # (B, R, C', M)
+            if need_embedding and self.uses_embedding:
+                embedding_kernel = kernel.reshape(kernel.shape[0], -1, kernel.shape[-1])  # (B, R*S*C', M)
+        return _Geometry(
+            presence=presence[:, None],
+            log_presence=torch.log(presence.detach())[:, None],
+            local=local,
+            count=local.sum(-1),
+            attention_bias=attention_bias,
+            filter_kernel=filter_kernel,
+            embedding_kernel=embedding_kernel,
         )
 
-    def _message_rows(
-        self,
-        rows: slice,
-        positions: Tensor,
-        pairs: PairTable,
-        cell_per_atom: Tensor | None,
-        mixed: Tensor,
-        query: Tensor,
-        key: Tensor,
-        term_in: Tensor | None,
-        term_out: Tensor | None,
-    ) -> Tensor:
-        c, lmax = self.config.channels, self.config.lmax
-        geo = pair_geometry(positions, rows, pairs, cell_per_atom, self.radial, self.harmonics, lmax)
-        partners = split_degrees(mixed[pairs.senders], c, lmax)  # (rows, M, C, 2l+1)
+    # ---- Z(0) --------------------------------------------------------------------------------------
+    def _initial_state(self, host, species, layout, geometry) -> Tensor:
+        """(B, R, C, C') in the layout's rows."""
+        z = None
+        if self.uses_host:
+            z = layout.rows(to_channels(self.host_to_state(host), self.channels, self.lmax))
+        if self.uses_embedding:
+            embedded = layout.rows(self.species_embedding(species))  # (B, R, C)
+            own = torch.nn.functional.pad(embedded[..., None], (0, self.components - 1))
+            own = own + self._over_rows(layout, geometry, self._embedding_rows, embedded)
+            z = own if z is None else z + own
+        return z
+
+    def _embedding_rows(self, geometry: _Geometry, embedded_partners: Tensor) -> Tensor:
+        """(1/n_i) sum_j local_ij R^E_l(r_ij) e(h_j) Y_l(x_ij) for a block of rows: (B, R, C, C')."""
+        batch, rows = geometry.count.shape
+        summed = torch.bmm(geometry.embedding_kernel, embedded_partners)  # (B, R*S*C', C)
+        summed = summed.reshape(batch, rows, EMBEDDING_RADIAL, self.components, self.channels)
+        weights = self.embedding_mixing[:, self.component_degree, :]  # (S, C', C)
+        pair = (summed * weights).sum(2).transpose(-1, -2)  # (B, R, C, C')
+        return pair / geometry.count[..., None, None]
+
+    # ---- dZ/dt -------------------------------------------------------------------------------------
+    def _rhs(self, z: Tensor, layout, geometry) -> Tensor:
+        """dZ/dt for every row (or the message of the ``mp`` variant): (B, R, C, C')."""
+        heads = self.heads
+        mixed = self._mix(z)
+        invariants = self._invariants(z)
         if self.config.variant == "mp":
-            # One fully connected message-passing layer: messages from W z_j, summed with a fixed scale.
-            values = partners
-            pair_weight = (geo.weight * self.config.pair_normalization**-0.5)[..., None]  # (rows, M, 1)
+            query = key = None
         else:
-            own = split_degrees(mixed[rows], c, lmax)
-            values = [pj - oi[:, None] for pj, oi in zip(partners, own, strict=True)]  # G_ij = W(z_j - z_i)
-            pair_weight = self._attention(query[rows], key[pairs.senders], geo)  # (rows, M, H)
-            pair_weight = pair_weight[..., self.channel_head]  # (rows, M, C)
-        if self.filter is not None:
-            filtered = self.filter(values, geo.sh, geo.rbf, term_in[rows], term_out[pairs.senders])
-            values = [v + f for v, f in zip(values, filtered, strict=True)]
-        parts = [torch.einsum("nmc,nmck->nck", pair_weight.expand(*v.shape[:3]), v) for v in values]
-        return join_degrees(parts)
+            query = self.query(invariants).unflatten(-1, (heads, self.head_dim))
+            key = self.key(invariants).unflatten(-1, (heads, self.head_dim))
+        rate, filtered = self._over_rows(layout, geometry, self._pair_sums, mixed, query, key)
+        if self.tensor_filter:
+            # filtered[b, r, c, f * C' + a] = sum_j abar_ij R_l(f) Y_f (W z)_j,c,a [- row sum (W z)_i,c,a]
+            gates = torch.tanh(self.filter_gate(invariants)).unflatten(-1, (self.num_paths, self.channels))
+            outputs = filtered @ self.filter_coupling  # (B, R, C, P_out)
+            gated = outputs * (gates.transpose(-1, -2) @ self.filter_expand)
+            rate = rate + gated @ self.filter_collect
+        return rate
 
-    def _attention(self, query: Tensor, key: Tensor, geo: PairGeometry) -> Tensor:
-        """alpha_ij per head: softmax over j of q_i.k_j/sqrt(d) + b(r_ij), weighted by the envelope.
+    def _mix(self, z: Tensor) -> Tensor:
+        if self.gradient_mixing is None:
+            return z
+        weight = self.gradient_mixing[self.component_degree] * self.channels**-0.5  # (C', C, C)
+        return torch.einsum("brca,acd->brda", z, weight)
 
-        Weighting exp(logit) by the envelope (0 for padding and beyond r_g) keeps the rows summing to
-        one while a pair fades out continuously as it crosses the pair radius.
+    def _invariants(self, z: Tensor) -> Tensor:
+        """Per channel: the scalars and the norms of the degree >= 1 parts (smooth at zero)."""
+        parts = [z[..., 0]]
+        for l in range(1, self.lmax + 1):
+            zl = z[..., l * l : (l + 1) * (l + 1)]
+            parts.append(torch.sqrt((zl * zl).sum(-1) + DISTANCE_EPS**2) - DISTANCE_EPS)
+        return torch.cat(parts, dim=-1)
+
+    def _pair_sums(
+        self,
+        geometry: _Geometry,
+        mixed_partners: Tensor,
+        key_partners: Tensor | None,
+        mixed_rows: Tensor,
+        query_rows: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The pair sums of one stage for a block of rows, as batched products.
+
+        Returns ``sum_j alpha_ij,head(c) W(z_j - z_i)_c`` ``(B, R, C, C')`` and, with the filter,
+        ``sum_j abar_ij K_ij,f W(z_j - z_i)_c,a`` ``(B, R, C, C' * C')`` with ``abar`` the attention
+        averaged over heads and ``K_ij,f = local_ij R_l(f)(r_ij) Y_f(x_ij)``. Sums over ``W z_j`` become
+        sums over the gradient by subtracting the row sum times the row's own ``W z_i``. For ``mp`` the
+        weights are a smooth partner average and the values ``W z_j`` themselves (no difference).
         """
-        logits = torch.einsum("nhd,nmhd->nmh", query, key) * query.shape[-1] ** -0.5
-        logits = logits + self.attention_radial(geo.rbf)
-        present = geo.weight[..., None] > 0
-        logits = torch.where(present, logits, torch.full_like(logits, -1e30))
-        shifted = logits - logits.amax(dim=1, keepdim=True).detach()
-        unnormalised = torch.exp(shifted) * geo.weight[..., None]
-        return unnormalised / unnormalised.sum(dim=1, keepdim=True)
+        batch, rows, partners = geometry.local.shape
+        c, components = self.channels, self.components
+        diffusion = query_rows is not None
+        if diffusion:
+            groups = self.heads
+            logits = torch.matmul(query_rows.transpose(1, 2), key_partners.permute(0, 2, 3, 1))
+            logits = logits * self.head_dim**-0.5 + geometry.attention_bias  # (B, H, R, M)
+            # The shift is the row maximum of logit + log(presence): the largest term of the weighted
+            # softmax is exactly 1, whatever the envelope (a pair at the edge of r_g cannot hold it).
+            shift = (logits.detach() + geometry.log_presence).amax(-1, keepdim=True)
+            weights = torch.exp((logits - shift).clamp(max=MAX_EXPONENT)) * geometry.presence
+            alpha = weights / weights.sum(-1, keepdim=True)
+        else:  # mp: a smooth average over the partners, no attention
+            groups = 1
+            alpha = (geometry.local / geometry.count[..., None])[:, None]  # (B, 1, R, M)
+        values = mixed_partners.reshape(batch, partners, groups, -1).transpose(1, 2)  # (B, G, M, X)
+        rate = torch.matmul(alpha, values).transpose(1, 2).reshape(batch, rows, c, components)
+        if diffusion:
+            rate = rate - mixed_rows  # rows of alpha sum to one
+        if geometry.filter_kernel is None:
+            return rate, None
+        pair = alpha.mean(1)[:, :, None, :] * geometry.filter_kernel  # (B, R, C', M)
+        flat = mixed_partners.reshape(batch, partners, c * components)
+        filtered = torch.bmm(pair.reshape(batch, rows * components, partners), flat)
+        filtered = filtered.reshape(batch, rows, components, c * components)
+        if diffusion:
+            filtered = filtered - pair.sum(-1, keepdim=True) * mixed_rows.reshape(batch, rows, 1, -1)
+        # (B, R, C'(f), C, C'(a)) -> (B, R, C, C'(f) * C'(a))
+        filtered = filtered.reshape(batch, rows, components, c, components).transpose(2, 3)
+        return rate, filtered.reshape(batch, rows, c, components * components)
 
     # ---- chunking ----------------------------------------------------------------------------------
-    def _over_rows(self, fn, n: int, positions: Tensor, pairs: PairTable, *args) -> Tensor:
-        """Apply ``fn`` to all rows at once, or block by block with recomputation in backward."""
+    def _over_rows(self, layout, geometry: _Geometry | None, fn, *features: Tensor | None) -> Tensor:
+        """``fn(geometry, partner features..., row features...)`` over all rows, or block by block.
+
+        ``features`` are per-row tensors in the layout; :meth:`_call_rows` hands ``fn`` the partners of
+        the block's rows and the block's own rows. With ``chunk_size`` the rows are processed
+        in blocks whose geometry is computed inside the block and recomputed in the backward pass
+        (``torch.utils.checkpoint``), so no tensor of all pairs is ever kept.
+        """
+        if geometry is not None:
+            return self._call_rows(layout, geometry, fn, 0, layout.num_rows, features)
         chunk = self.config.chunk_size
-        if chunk is None or chunk >= n:
-            return fn(slice(0, n), positions, pairs, *args)
         outputs = []
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            block_pairs = pairs.rows(start, stop)
+        for start in range(0, layout.num_rows, chunk):
+            stop = min(start + chunk, layout.num_rows)
             if torch.is_grad_enabled():
-                out = checkpoint(
-                    _RowBlock(fn, start, stop, block_pairs.cell_shifts is not None),
-                    positions,
-                    block_pairs.senders,
-                    block_pairs.mask,
-                    block_pairs.cell_shifts,
-                    *args,
-                    use_reentrant=False,
+                outputs.append(
+                    checkpoint(self._chunk_rows, layout, fn, start, stop, *features, use_reentrant=False)
                 )
             else:
-                out = fn(slice(start, stop), positions, block_pairs, *args)
-            outputs.append(out)
-        return torch.cat(outputs, dim=0)
+                outputs.append(self._chunk_rows(layout, fn, start, stop, *features))
+        if isinstance(outputs[0], tuple):
+            return tuple(
+                None if parts[0] is None else layout.join(list(parts)) for parts in zip(*outputs, strict=True)
+            )
+        return layout.join(outputs)
+
+    def _chunk_rows(self, layout, fn, start: int, stop: int, *features):
+        geometry = self._geometry(layout, start, stop, need_embedding=fn == self._embedding_rows)
+        return self._call_rows(layout, geometry, fn, start, stop, features)
+
+    def _call_rows(self, layout, geometry, fn, start, stop, features):
+        if fn == self._embedding_rows:
+            (embedded,) = features
+            return fn(geometry, layout.partners(embedded, start, stop))
+        mixed, query, key = features
+        return fn(
+            geometry,
+            layout.partners(mixed, start, stop),
+            None if key is None else layout.partners(key, start, stop),
+            layout.take(mixed, start, stop),
+            None if query is None else layout.take(query, start, stop),
+        )
+
+    # ---- loading -----------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        saved = state_dict.get(prefix + "numerics_version")
+        saved_version = 1 if saved is None else int(saved)
+        if saved_version != self.config.version:
+            raise RuntimeError(
+                f"the weights at '{prefix or '<root>'}' are those of a version-{saved_version} GGND block, "
+                f"but this block was built as version {self.config.version}: build it from the config saved "
+                f"with the weights (GGND option version: {saved_version})"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def extra_repr(self) -> str:
         return f"state={self.irreps_state}, host={self.irreps_host}, config={self.config}"
 
 
-class _RowBlock:
-    """A picklable closure for checkpoint: rebuilds the row block's PairTable from tensors."""
+_LEGACY_NAMES = ("LegacyGGNDBlock", "TensorFilter", "PairGeometry", "pair_geometry", "invariants_of")
 
-    def __init__(self, fn, start: int, stop: int, periodic: bool):
-        self.fn, self.rows, self.periodic = fn, slice(start, stop), periodic
 
-    def __call__(self, positions, senders, mask, shifts, *args):
-        return self.fn(
-            self.rows, positions, PairTable(senders, mask, shifts if self.periodic else None), *args
-        )
+def __getattr__(name: str):
+    # Files pickled by 0.1.0 name its classes in this module (ggnd_plugin.block.TensorFilter, ...).
+    if name in _LEGACY_NAMES:
+        from ggnd_plugin import block_v1
+
+        return getattr(block_v1, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def system_energy(atom_energy: Tensor, batch: Tensor, num_systems: int) -> Tensor:

@@ -47,8 +47,9 @@ GGND_ADD_NAME = "ggnd_energy_sum"
 
 PACKAGED_MODULES = ("ggnd_plugin.adapters.nequip_modules",)
 # ggnd_plugin.block is external (loading the package needs ggnd-plugin installed) because interned
-# dataclasses defined under `from __future__ import annotations` fail to load from a torch.package.
-EXTERNAL_MODULES = ("ggnd_plugin.block", "torch_sim", "yaml", "sympy")
+# dataclasses defined under `from __future__ import annotations` fail to load from a torch.package;
+# block_v1 holds the class of version-1 blocks, which re-saving a 0.1.0 model pickles by name.
+EXTERNAL_MODULES = ("ggnd_plugin.block", "ggnd_plugin.block_v1", "torch_sim", "yaml", "sympy")
 
 
 def register_for_packaging() -> None:

@@ -4,12 +4,13 @@ This module is interned by ``nequip-package`` (see :func:`ggnd_plugin.adapters.n
 so it imports only torch, nequip's data and nn layers and :mod:`ggnd_plugin.block`; the builders and
 the upgrade target, which need more of nequip, live in :mod:`ggnd_plugin.adapters.nequip_build`.
 
-Pairs. The block needs its pair table inside the model's forward. Eager runs use
-:func:`ggnd_plugin.block.complete_graph_pairs` (one row per atom, as wide as its system).
-Under ``nequip-compile`` (``make_fx`` with symbolic sizes, which refuses data-dependent shapes) the
-table is the dense ``(n_atoms, n_atoms)`` square masked to same-system pairs: for one frame (the ``ase``
-target) that is exactly the complete graph, for a batch it costs ``(sum n)^2`` instead of ``sum n^2``
-but needs no value-dependent size. Pairs within a finite radius (``r_g``, periodic systems) come from
+Pairs. The block needs its pair table inside the model's forward. Eager runs use the block's own
+(``GGNDBlock.pairs``: one square block per system). Under ``nequip-compile`` (``make_fx`` with symbolic
+sizes, which refuses data-dependent shapes) all atoms form one block with pairs across systems masked
+(:func:`ggnd_plugin.block.traceable_complete_graph`): for one frame (the ``ase`` target) that is exactly
+the complete graph, for a batch it costs ``(sum n)^2`` instead of ``sum n^2`` but needs no
+value-dependent size. Version-1 blocks (models packaged by ggnd-plugin 0.1.0) keep the padded tables
+they were written with. Pairs within a finite radius (``r_g``, periodic systems) come from
 TorchSim's neighbour list and work in eager mode only.
 """
 
@@ -28,6 +29,7 @@ from ggnd_plugin.block import (
     PairTable,
     complete_graph_pairs,
     radius_pairs,
+    traceable_complete_graph,
 )
 
 GGND_ENERGY_FIELD = "ggnd_atomic_energy"
@@ -80,7 +82,7 @@ class GGNDAtomicEnergy(GraphModuleMixin, torch.nn.Module):
         spec = FeatureSpec({feature_field: str(self.irreps_in[feature_field])}, num_species=num_types)
         self.block = GGNDBlock(spec, config)
 
-    def pairs(self, data: AtomicDataDict.Type) -> PairTable:
+    def pairs(self, data: AtomicDataDict.Type):
         positions = data[AtomicDataDict.POSITIONS_KEY]
         n = positions.shape[0]
         radius = self.block.config.pair_radius
@@ -107,7 +109,12 @@ class GGNDAtomicEnergy(GraphModuleMixin, torch.nn.Module):
                     "for molecules; set the GGND option r_g (e.g. 10.0 Å) for periodic systems"
                 )
             if AtomicDataDict.BATCH_KEY in data:
-                return complete_graph_pairs(data[AtomicDataDict.BATCH_KEY])
+                batch = data[AtomicDataDict.BATCH_KEY]
+                if self.block.config.version == 1:
+                    return complete_graph_pairs(batch)
+                return self.block.pairs(positions.detach(), batch)
+        if self.block.config.version != 1:
+            return traceable_complete_graph(self._batch(data))
         senders = torch.arange(n, device=positions.device).expand(n, n)
         if AtomicDataDict.BATCH_KEY in data:
             batch = data[AtomicDataDict.BATCH_KEY]
