@@ -418,11 +418,11 @@ class MACEAdapter(HostAdapter):
         """``torch.save`` of the whole model, as mace_run_train writes ``.model`` files (a CPU copy)."""
         if not self.recognises_model(model):
             raise GGNDError(f"cannot save a {type(model).__name__} as a MACE model file")
+        from ggnd_plugin.safe_io import atomic_path
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        torch.save(copy.deepcopy(model).cpu(), partial)
-        partial.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(copy.deepcopy(model).cpu(), tmp)
         return path
 
     def feature_spec(self, model: nn.Module) -> FeatureSpec:
@@ -528,10 +528,17 @@ class MACEAdapter(HostAdapter):
         size: str = "small",
         device: str = "cpu",
     ) -> nn.Module:
-        """Train through ``ggnd-mace-train`` (``mace_run_train`` plus GGND) in a subprocess."""
-        from ggnd_plugin.adapters.mace_train import fit_command, run_fit
+        """Train through ``ggnd-mace-train`` (``mace_run_train`` plus GGND) in a subprocess.
+
+        A fit stopped part-way restarts from scratch in the same ``work_dir`` (see
+        :mod:`ggnd_plugin.host_fit`); ``work_dir`` must otherwise be new or empty.
+        """
+        from ggnd_plugin.adapters.mace_train import FIT_LOG, fit_command, fit_outputs, run_fit
+        from ggnd_plugin.host_fit import fit_work_dir
 
         self.require()
         command, model_path = fit_command(train, valid, work_dir, config, epochs, seed, size, device)
-        run_fit(command, Path(work_dir), epochs, label=Path(work_dir).name)
-        return self.load(model_path)
+        outputs = fit_outputs(model_path.stem)
+        with fit_work_dir(work_dir, "mace", outputs, [train, valid], legacy_marks=[FIT_LOG]):
+            run_fit(command, Path(work_dir), epochs, label=Path(work_dir).name)
+            return self.load(model_path)

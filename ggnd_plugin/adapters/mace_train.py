@@ -10,6 +10,12 @@ hold the ``ggnd_*`` keys). Added options:
                               --ggnd_lmax 1 --ggnd_heads 4 --ggnd_steps 3 --ggnd_horizon 1.0
                               --ggnd_variant diffusion --ggnd_r_g 10.0`` (``none`` for no value)
 ``--ggnd_lr_factor F``        learning rate of the GGND parameters relative to ``--lr`` (default 1)
+``--overwrite``               replace an existing ``<name>.model`` (without it, and without
+                              ``--restart_latest``, an existing model is refused, and a model path
+                              equal to an input always is)
+
+MACE's own files (checkpoints, ``.model``) are written atomically during the run (a temporary file
+renamed into place), so a killed run never leaves a truncated checkpoint for ``--restart_latest``.
 
 The result is MACE's usual ``<name>.model`` (a pickled :class:`~ggnd_plugin.adapters.mace.GGNDMACE`),
 which ``MACECalculator``, TorchSim's ``MaceModel`` and ``ggnd`` load. MACE's TorchScript export
@@ -267,22 +273,69 @@ def build_parser() -> argparse.ArgumentParser:
     parser.prog = "ggnd-mace-train"
     parser.description = "mace_run_train with an optional GGND block (--ggnd, --ggnd_* options)."
     add_ggnd_arguments(parser)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing <name>.model (ggnd-plugin; otherwise refused unless --restart_latest)",
+    )
     return parser
+
+
+def check_model_output(
+    args: argparse.Namespace, overwrite: bool, parser: argparse.ArgumentParser | None = None
+) -> Path:
+    """The ``.model`` file this run writes: refused when it is an input, or exists (unless resuming or
+    ``--overwrite``)."""
+    from ggnd_plugin.errors import OutputExistsError
+    from ggnd_plugin.safe_io import refuse_input_as_output
+
+    values = dict(vars(args))
+    if values.get("config"):
+        import yaml
+
+        try:
+            from_file = yaml.safe_load(Path(values["config"]).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise GGNDError(f"--config {values['config']}: cannot be read ({error})") from error
+        if isinstance(from_file, dict):  # the file fills what the command line left at its default
+            for key in ("name", "work_dir", "model_dir"):
+                default = parser.get_default(key) if parser is not None else None
+                if key in from_file and values.get(key) in (None, default):
+                    values[key] = from_file[key]
+    folder = Path(values.get("model_dir") or values.get("work_dir") or ".")
+    model = folder / f"{values.get('name')}.model"
+    inputs = [
+        (f"--{key}", values.get(key))
+        for key in ("train_file", "valid_file", "test_file", "foundation_model", "config", "ggnd_config")
+        if isinstance(values.get(key), str)
+    ]
+    refuse_input_as_output(model, inputs, "the model file")
+    if model.exists() and not overwrite and not values.get("restart_latest"):
+        raise OutputExistsError(
+            f"{model} already exists; pass --overwrite to replace it (or --restart_latest to continue "
+            "the run that wrote it)"
+        )
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from mace.cli import run_train
 
+    from ggnd_plugin.safe_io import atomic_torch_saves
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    overwrite = bool(vars(args).pop("overwrite", False))
     try:
+        check_model_output(args, overwrite, parser)
         args, config, lr_factor = split_ggnd_arguments(args)
         if config is None:
-            run_train.run(args)
+            with atomic_torch_saves():
+                run_train.run(args)
             return 0
         if args.model not in SUPPORTED_MODELS:
             raise GGNDError(f"--ggnd needs an energy model: --model {' or '.join(SUPPORTED_MODELS)}")
-        with ggnd_training_patch(config, lr_factor):
+        with ggnd_training_patch(config, lr_factor), atomic_torch_saves():
             run_train.run(args)
     except GGNDError as error:
         print(f"ggnd-mace-train: error: {error}", file=sys.stderr)
@@ -374,6 +427,22 @@ def fit_command(
     return command, model_path
 
 
+FIT_LOG = "ggnd-mace-train.log"
+
+
+def fit_outputs(name: str) -> list[str]:
+    """What a ``ggnd-mace-train`` run named ``name`` writes in its work folder (patterns)."""
+    return [
+        f"{name}.model",
+        f"{name}_compiled.model",
+        f"{name}_stagetwo*.model",
+        f"checkpoints/{name}_run-*",
+        f"logs/{name}_run-*",
+        f"results/{name}_run-*",
+        FIT_LOG,
+    ]
+
+
 def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label: str = "mace") -> None:
     """Run the training command, its output going to ``work_dir/ggnd-mace-train.log``.
 
@@ -384,8 +453,10 @@ def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label
 
     from tqdm import tqdm
 
+    from ggnd_plugin.host_fit import die_with_parent
+
     work_dir.mkdir(parents=True, exist_ok=True)
-    log = work_dir / "ggnd-mace-train.log"
+    log = work_dir / FIT_LOG
     epoch_line = re.compile(r"Epoch (\d+):.*?loss=\s*([0-9.eE+-]+)")
     with open(log, "w") as handle, tqdm(total=epochs, desc=f"{label} (mace_run_train)", unit="epoch") as bar:
         handle.write(json.dumps(command) + "\n")
@@ -393,7 +464,12 @@ def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label
         # Unbuffered, so each epoch line arrives when MACE logs it rather than when a pipe buffer fills.
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            preexec_fn=die_with_parent,
         )
         assert process.stdout is not None
         try:

@@ -100,11 +100,11 @@ class NequIPAdapter(HostAdapter):
             raise GGNDError(
                 f"{path}: NequIP models are saved as packages; the file name must end in {PACKAGE_SUFFIX}"
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
         from ggnd_plugin.adapters.nequip_build import e3nn_defaults_kept
+        from ggnd_plugin.safe_io import atomic_path
 
-        with e3nn_defaults_kept():
-            write_package(model, path)
+        with e3nn_defaults_kept(), atomic_path(path) as tmp:
+            write_package(model, tmp)
         return path
 
     def feature_spec(self, model: nn.Module) -> FeatureSpec:
@@ -143,16 +143,22 @@ class NequIPAdapter(HostAdapter):
         """Train through ``nequip-train`` in a subprocess; return the best checkpoint, loaded.
 
         The config is the package's template (``nequip_configs/fit.yaml``) filled in and written to
-        ``work_dir/nequip-fit.yaml``; the log goes to ``work_dir/nequip-train.log``.
+        ``work_dir/nequip-fit.yaml``; the log goes to ``work_dir/nequip-train.log``. A fit stopped
+        part-way restarts from scratch in the same ``work_dir`` (see :mod:`ggnd_plugin.host_fit`);
+        ``work_dir`` must otherwise be new or empty.
         """
+        from ggnd_plugin.host_fit import fit_work_dir
+
         self.require()
         work_dir = Path(work_dir).resolve()
-        config_path = write_fit_config(train, valid, work_dir, config, epochs, seed, size, device)
-        run_nequip_train(config_path, work_dir, epochs, label=work_dir.name)
-        best = work_dir / "best.ckpt"
-        if not best.exists():
-            raise GGNDError(f"nequip-train finished but wrote no {best}; see {work_dir / FIT_LOG}")
-        return self.load(best)
+        fit_config(train, valid, config, epochs, seed, size, device)  # bad arguments: before any change
+        with fit_work_dir(work_dir, "nequip", FIT_OUTPUTS, [train, valid], legacy_marks=[FIT_LOG]):
+            config_path = write_fit_config(train, valid, work_dir, config, epochs, seed, size, device)
+            run_nequip_train(config_path, work_dir, epochs, label=work_dir.name)
+            best = work_dir / "best.ckpt"
+            if not best.exists():
+                raise GGNDError(f"nequip-train finished but wrote no {best}; see {work_dir / FIT_LOG}")
+            return self.load(best)
 
     # ---- what the model knows -----------------------------------------------------------------------
     def type_names(self, model: nn.Module) -> list[str]:
@@ -244,6 +250,8 @@ class NequIPAdapter(HostAdapter):
 FIT_TEMPLATE = Path(__file__).parent / "nequip_configs" / "fit.yaml"
 FIT_CONFIG_NAME = "nequip-fit"
 FIT_LOG = "nequip-train.log"
+# What nequip-train (hydra, Lightning) and fit() write in the work folder; a restarted fit removes them.
+FIT_OUTPUTS = ("best*.ckpt", "last*.ckpt", ".hydra", "train.log", f"{FIT_CONFIG_NAME}.yaml", FIT_LOG)
 GGND_BUILDER = "ggnd_plugin.adapters.nequip.GGNDNequIPModel"
 # Small, fast NequIP models (float64, CPU); the template turns parity off (fewer irreps, faster).
 SIZES: dict[str, dict[str, Any]] = {
@@ -343,6 +351,8 @@ def write_fit_config(
     """Write :func:`fit_config` to ``work_dir/nequip-fit.yaml`` (removing checkpoints of an earlier run)."""
     import yaml
 
+    from ggnd_plugin.safe_io import atomic_write_text
+
     values = fit_config(train, valid, config, epochs, seed, size, device)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -350,7 +360,7 @@ def write_fit_config(
     for stale in [*work_dir.glob("best*.ckpt"), *work_dir.glob("last*.ckpt")]:
         stale.unlink()
     path = work_dir / f"{FIT_CONFIG_NAME}.yaml"
-    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
     return path
 
 
@@ -368,6 +378,8 @@ def run_nequip_train(
     import sys
 
     from tqdm import tqdm
+
+    from ggnd_plugin.host_fit import die_with_parent
 
     config_path = Path(config_path).resolve()
     work_dir = Path(work_dir).resolve()
@@ -390,7 +402,13 @@ def run_nequip_train(
         handle.write(" ".join(command) + "\n")
         handle.flush()
         process = subprocess.Popen(
-            command, cwd=work_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+            command,
+            cwd=work_dir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            preexec_fn=die_with_parent,
         )
         assert process.stdout is not None
         try:

@@ -93,10 +93,12 @@ class SchNetPackAdapter(HostAdapter):
         return model
 
     def save(self, model: nn.Module, path: Path) -> Path:
-        """``torch.save`` of the whole model, as spktrain writes ``best_model``."""
+        """``torch.save`` of the whole model, as spktrain writes ``best_model`` (atomically)."""
+        from ggnd_plugin.safe_io import atomic_path
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model, path)
+        with atomic_path(path) as tmp:
+            torch.save(model, tmp)
         return path
 
     def fit(
@@ -116,14 +118,22 @@ class SchNetPackAdapter(HostAdapter):
         file that keeps exactly the given train/valid partition; spktrain runs
         ``experiment=painn_3bpa`` or ``experiment=ggnd_painn_3bpa`` in a subprocess (see
         :func:`fit_command`), its output going to ``work_dir/spktrain.log``. Returns its ``best_model``.
+        A fit stopped part-way restarts from scratch in the same ``work_dir`` (see
+        :mod:`ggnd_plugin.host_fit`); ``work_dir`` must otherwise be new or empty.
         """
+        from ggnd_plugin.host_fit import fit_work_dir
+
         self.require()
         work_dir = Path(work_dir).absolute()
-        command, model_path = fit_command(train, valid, work_dir, config, epochs, seed, size, device)
-        run_fit(command, work_dir, epochs, label=work_dir.name)
-        if not model_path.is_file():
-            raise GGNDError(f"spktrain finished but wrote no {model_path}; see {work_dir / FIT_LOG}")
-        return self.load(model_path)
+        check_fit_arguments(train, valid, epochs, size)
+        with fit_work_dir(
+            work_dir, "schnetpack", fit_outputs(config), [train, valid], legacy_marks=[FIT_LOG]
+        ):
+            command, model_path = fit_command(train, valid, work_dir, config, epochs, seed, size, device)
+            run_fit(command, work_dir, epochs, label=work_dir.name)
+            if not model_path.is_file():
+                raise GGNDError(f"spktrain finished but wrote no {model_path}; see {work_dir / FIT_LOG}")
+            return self.load(model_path)
 
     def feature_spec(self, model: nn.Module) -> FeatureSpec:
         from ggnd_plugin.adapters.schnetpack_module import SCALAR_KEY, VECTOR_KEY, representation_layout
@@ -339,6 +349,18 @@ class SchNetPackAdapter(HostAdapter):
 # SchNetPackAdapter.fit: spktrain in a subprocess
 # --------------------------------------------------------------------------------------------------
 FIT_LOG = "spktrain.log"
+
+
+def fit_outputs(config: GGNDConfig | None) -> tuple[str, ...]:
+    """What spktrain and fit() write in the work folder ("data" is an empty folder spktrain's hydra
+    config creates); a restarted fit removes them (the run of the other model kind stays)."""
+    return (f"runs/{_run_id(config)}", "data.db", "split.npz", "data", FIT_LOG)
+
+
+def _run_id(config: GGNDConfig | None) -> str:
+    return "painn" if config is None else "ggnd_painn"
+
+
 # Small, fast PaiNN models for ``ggnd demo`` (all with the 5 Å cutoff of the 3BPA experiments).
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"n_atom_basis": 16, "n_interactions": 2, "batch_size": 4, "lr": 1e-3},
@@ -350,18 +372,18 @@ _EPOCH_LINE = r"^Epoch (\d+), global step \d+: 'val_loss' (?:reached ([0-9.eE+-]
 
 
 def _spktrain_executable() -> list[str]:
+    """spktrain (``schnetpack.cli:train``) run through :func:`ggnd_plugin.host_fit.main`, which makes
+    its ``torch.save`` of ``best_model`` atomic."""
     import shutil
     import sys
 
     beside = Path(sys.executable).parent / "spktrain"
-    if beside.is_file():
-        return [str(beside)]
-    found = shutil.which("spktrain")
-    if found:
-        return [found]
-    raise GGNDError(
-        "cannot find SchNetPack's `spktrain` command (is schnetpack installed in this environment?)"
-    )
+    script = str(beside) if beside.is_file() else shutil.which("spktrain")
+    if not script:
+        raise GGNDError(
+            "cannot find SchNetPack's `spktrain` command (is schnetpack installed in this environment?)"
+        )
+    return [sys.executable, "-m", "ggnd_plugin.host_fit", "schnetpack.cli:train", script]
 
 
 def _hydra_value(value: Any) -> str:
@@ -370,6 +392,16 @@ def _hydra_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def check_fit_arguments(train: Path, valid: Path, epochs: int, size: str) -> None:
+    if size not in SIZES:
+        raise GGNDError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
+    if epochs < 1:
+        raise GGNDError(f"epochs must be at least 1, got {epochs}")
+    for path in (train, valid):
+        if not Path(path).is_file():
+            raise GGNDError(f"{Path(path).absolute()}: no such file")
 
 
 def fit_command(
@@ -396,14 +428,8 @@ def fit_command(
     from ggnd_plugin.adapters.schnetpack_data import extxyz_to_spk_db
     from ggnd_plugin.data import read_labelled
 
-    if size not in SIZES:
-        raise GGNDError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
-    if epochs < 1:
-        raise GGNDError(f"epochs must be at least 1, got {epochs}")
+    check_fit_arguments(train, valid, epochs, size)
     train, valid, work_dir = Path(train).absolute(), Path(valid).absolute(), Path(work_dir).absolute()
-    for path in (train, valid):
-        if not path.is_file():
-            raise GGNDError(f"{path}: no such file")
     work_dir.mkdir(parents=True, exist_ok=True)
     database, split = work_dir / "data.db", work_dir / "split.npz"
     n_train = len(read_labelled(train))
@@ -414,7 +440,7 @@ def fit_command(
     np.savez(split, train_idx=train_idx, val_idx=valid_idx, test_idx=valid_idx)
     elements = sorted({int(z) for atoms in read_labelled(train) for z in atoms.numbers})
 
-    run_id = "painn" if config is None else "ggnd_painn"
+    run_id = _run_id(config)
     run_dir = work_dir / "runs" / run_id
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -464,6 +490,8 @@ def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label
 
     from tqdm import tqdm
 
+    from ggnd_plugin.host_fit import die_with_parent
+
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     log = work_dir / FIT_LOG
@@ -479,7 +507,13 @@ def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label
         handle.write(json.dumps(command) + "\n")
         handle.flush()
         process = subprocess.Popen(
-            command, cwd=work_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+            command,
+            cwd=work_dir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            preexec_fn=die_with_parent,
         )
         assert process.stdout is not None
         try:
