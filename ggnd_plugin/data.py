@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from ggnd_plugin.errors import GGNDError
+from ggnd_plugin.validation import check_elements, check_frames
+
+__all__ = ["check_elements", "labels_of", "read_labelled", "read_structures"]
 
 ENERGY_KEYS = ("energy", "REF_energy", "DFT_energy", "free_energy")
 FORCES_KEYS = ("forces", "REF_forces", "DFT_forces")
@@ -31,6 +34,8 @@ def read_structures(path: str | Path, index: str = ":") -> list:
     path = Path(path)
     if not path.exists():
         raise GGNDError(f"{path}: no such file")
+    if path.is_dir():
+        raise GGNDError(f"{path} is a folder, not a structure file")
     try:
         frames = read(path, index=index)
     except Exception as error:  # ASE raises many types for malformed files
@@ -38,13 +43,7 @@ def read_structures(path: str | Path, index: str = ":") -> list:
             f"{path}: cannot be read as a structure file ({type(error).__name__}: {error})"
         ) from error
     frames = frames if isinstance(frames, list) else [frames]
-    if not frames:
-        raise GGNDError(f"{path}: holds no frames")
-    for number, atoms in enumerate(frames):
-        if len(atoms) == 0:
-            raise GGNDError(f"{path}: frame {number} has no atoms")
-        if not np.isfinite(atoms.get_positions()).all():
-            raise GGNDError(f"{path}: frame {number} has non-finite positions")
+    check_frames(frames, str(path))
     return frames
 
 
@@ -90,18 +89,3 @@ def read_labelled(path: str | Path, index: str = ":", need_forces: bool = True) 
         if forces is not None:
             atoms.arrays["forces"] = forces
     return frames
-
-
-def check_elements(frames: Sequence, known: Sequence[int], source: str, model_name: str = "model") -> None:
-    """Refuse frames with elements the model does not know, naming the first such frame."""
-    from ase.data import chemical_symbols
-
-    known_set = set(int(z) for z in known)
-    for number, atoms in enumerate(frames):
-        unknown = sorted(set(atoms.get_atomic_numbers().tolist()) - known_set)
-        if unknown:
-            raise GGNDError(
-                f"{source}: frame {number} contains {', '.join(chemical_symbols[z] for z in unknown)}, "
-                f"which the {model_name} does not know (it knows "
-                f"{', '.join(chemical_symbols[z] for z in sorted(known_set))})"
-            )

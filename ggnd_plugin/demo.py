@@ -9,16 +9,24 @@ Stages, each cached in the output folder so a stopped demo picks up where it sto
 5. energy and force errors of the three models at 300, 600 and 1200 K;
 6. batched replica stability (TorchSim) of the three models at 600 and 1200 K;
 7. one comparison table, printed and written with the plots into ``report.md``.
+
+The output folder must be new or empty, or hold a demo run with the same host and settings (which is
+continued); ``overwrite`` removes an earlier demo's files (and only those) and starts again. Every
+file is written atomically and the folder is locked while the demo runs.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from ggnd_plugin.errors import GGNDError, OutputExistsError
+from ggnd_plugin.safe_io import atomic_path, atomic_write_text, check_output_dir, output_lock, save_model
 
 MODELS = ("baseline", "ggnd-scratch", "ggnd-upgrade")
 TEST_TEMPERATURES = (300, 600, 1200)
@@ -81,10 +89,7 @@ class _Stage:
         return json.loads(self.path.read_text())
 
     def write(self, value: Any) -> Any:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps(value, indent=2))
-        partial.replace(self.path)
+        atomic_write_text(self.path, json.dumps(value, indent=2))
         return value
 
 
@@ -112,23 +117,69 @@ def prepare_data(out: Path, settings: DemoSettings) -> dict[str, Path]:
     if settings.train_frames:
         frames = frames[: settings.train_frames]
     n_valid = max(2, round(settings.valid_fraction * len(frames)))
-    write(paths["valid"], frames[:n_valid])
-    write(paths["train"], frames[n_valid:])
+    parts = {"valid": frames[:n_valid], "train": frames[n_valid:]}
     for t in TEST_TEMPERATURES:
         test = read_labelled(default_data_path(DATA_FILES[f"test_{t}K"]))
-        write(paths[f"test_{t}K"], test[: settings.test_frames] if settings.test_frames else test)
+        parts[f"test_{t}K"] = test[: settings.test_frames] if settings.test_frames else test
+    for name, part in parts.items():
+        with atomic_path(paths[name]) as tmp:
+            write(tmp, part, format="extxyz")
     return paths
 
 
-def run_demo(out: Path, host: str = "mace", settings: DemoSettings | None = None) -> dict[str, Any]:
+# What a demo writes in its output folder (removed by ``overwrite``, nothing else is).
+OWN_ENTRIES = ("stages", "data", "models", "stability", "report.md", "report.json")
+RUN_RECORD = "stages/demo.json"
+
+
+def check_demo_output(out: Path, host: str, settings: DemoSettings, overwrite: bool) -> None:
+    """The folder is new, empty, or a demo run with the same host and settings (else ``overwrite``)."""
+    record_path = out / RUN_RECORD
+    own = record_path.exists() or (out / "stages").is_dir()
+    check_output_dir(out, what="--out", is_own=own, overwrite=overwrite)
+    if own and not overwrite and record_path.exists():
+        record = json.loads(record_path.read_text())
+        wanted = json.loads(json.dumps({"host": host, "settings": asdict(settings)}))
+        changed = [
+            f"{key}: {record.get(key)} -> {wanted[key]}" for key in wanted if record.get(key) != wanted[key]
+        ]
+        if changed:
+            raise OutputExistsError(
+                f"--out {out} holds a demo run with other settings ({'; '.join(changed)}); choose another "
+                "--out or pass --overwrite to start again"
+            )
+
+
+def run_demo(
+    out: Path, host: str = "mace", settings: DemoSettings | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     from ggnd_plugin.registry import get
-    from ggnd_plugin.training import FinetuneSettings, evaluate, finetune
 
     settings = settings or DemoSettings()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     adapter = get(host)
     adapter.require()
+    if not adapter.file_suffixes:
+        raise GGNDError(f"the {host} adapter names no model file suffix; the demo cannot name its models")
+    check_demo_output(out, host, settings, overwrite)
+    with output_lock(out):
+        check_demo_output(out, host, settings, overwrite)
+        if overwrite:
+            for name in OWN_ENTRIES:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        atomic_write_text(
+            out / RUN_RECORD, json.dumps({"host": host, "settings": asdict(settings)}, indent=2)
+        )
+        return _run_demo(out, host, adapter, settings)
+
+
+def _run_demo(out: Path, host: str, adapter, settings: DemoSettings) -> dict[str, Any]:
+    from ggnd_plugin.training import FinetuneSettings, evaluate, finetune
+
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -160,7 +211,7 @@ def run_demo(out: Path, host: str = "mace", settings: DemoSettings | None = None
                     size=settings.size,
                 ),
             )
-            path = adapter.save(model, work / f"{name}{adapter.file_suffixes[0]}")
+            path = save_model(adapter, model, work / f"{name}{adapter.file_suffixes[0]}")
             stage.write({"path": str(path), "seconds": timings[f"fit {name}"]})
         model_files[name] = stage.read()["path"]
 
@@ -331,7 +382,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
         "",
     ]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
-    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(path, "\n".join(lines))
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=2, default=str))
     _say(f"report written to {path}")
     return path

@@ -10,7 +10,10 @@ wavefunction, which makes the labels depend on the history); tblite runs on one 
 
 Resumability: after every ``spacing_fs`` of MD the state (positions, momenta, the Generator's state, the
 number of frames written and the size of the partial file) is saved as exact JSON, so a run stopped at
-any point continues to the same files as an uninterrupted run.
+any point continues to the same files as an uninterrupted run. Every file is written atomically (the
+partial trajectory is appended, flushed to disk, then its length recorded), ``generation.json`` is
+written last and marks the run finished, and the output folder is locked for the run. A checkpoint that
+does not match its partial trajectory is reported, not used.
 """
 
 from __future__ import annotations
@@ -19,13 +22,22 @@ import json
 import math
 import os
 import shlex
+import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from ggnd_plugin.errors import GGNDError
+from ggnd_plugin import validation as v
+from ggnd_plugin.errors import CorruptFileError, GGNDError, OutputExistsError
+from ggnd_plugin.safe_io import (
+    atomic_write_text,
+    check_output_dir,
+    foreign_entries,
+    output_lock,
+    read_json_state,
+)
 
 XTB_EXTRA_HINT = "pip install 'ggnd-plugin[xtb]'"
 METHODS = {"gfn2-xtb": "GFN2-xTB", "gfn1-xtb": "GFN1-xTB", "ipea1-xtb": "IPEA1-xTB"}
@@ -60,7 +72,7 @@ class GenerationSettings:
             raise GGNDError("give at least one --temperature")
         if len(set(self.temperatures_K)) != len(self.temperatures_K):
             raise GGNDError(f"--temperature lists a temperature twice: {list(self.temperatures_K)}")
-        if any(t <= 0 for t in self.temperatures_K):
+        if any(not (math.isfinite(t) and t > 0) for t in self.temperatures_K):
             raise GGNDError(f"temperatures must be positive (K), got {list(self.temperatures_K)}")
         if len(self.frames) not in (1, len(self.temperatures_K)):
             raise GGNDError(
@@ -69,8 +81,16 @@ class GenerationSettings:
             )
         if any(n < 1 for n in self.frames):
             raise GGNDError(f"--frames must be at least 1, got {list(self.frames)}")
-        if self.timestep_fs <= 0 or self.spacing_fs <= 0 or self.equilibration_ps < 0:
-            raise GGNDError("--timestep-fs and --spacing-fs must be positive, --equilibration-ps >= 0")
+        for name, check in (
+            ("seed", v.seed),
+            ("timestep_fs", v.positive_float),
+            ("spacing_fs", v.positive_float),
+            ("equilibration_ps", v.non_negative_float),
+            ("friction_per_fs", v.non_negative_float),
+            ("max_bond_stretch", v.positive_float),
+            ("electronic_temperature_K", v.non_negative_float),
+        ):
+            v.check_value(check, getattr(self, name), name)
         steps = self.spacing_fs / self.timestep_fs
         if abs(steps - round(steps)) > 1e-9:
             raise GGNDError(
@@ -289,9 +309,7 @@ def _rng_for(seed: int, temperature_K: float) -> np.random.Generator:
 
 
 def _write_json_atomically(path: Path, record: dict) -> None:
-    partial = path.with_suffix(path.suffix + ".tmp")
-    partial.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    os.replace(partial, path)
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def _label_frame(atoms, settings: GenerationSettings, temperature_K: float, time_fs: float):
@@ -365,7 +383,14 @@ def _run_temperature(
     atoms = start.copy()
     rng = _rng_for(settings.seed, temperature_K)
     if checkpoint_path.exists():
-        state = json.loads(checkpoint_path.read_text())
+        state = read_json_state(checkpoint_path, f"generation checkpoint at {temperature_K:g} K")
+        written_bytes = partial_path.stat().st_size if partial_path.exists() else -1
+        if written_bytes < state.get("partial_bytes", 0):
+            raise CorruptFileError(
+                f"{partial_path}: the partial trajectory is shorter ({written_bytes} bytes) than its "
+                f"checkpoint {checkpoint_path.name} records ({state.get('partial_bytes')}); it was not used. "
+                "Delete the output folder's .checkpoint to start that temperature again"
+            )
         # Set before the FixCom constraint exists, so the stored values are taken exactly.
         atoms.set_positions(np.array(state["positions"]))
         atoms.set_momenta(np.array(state["momenta"]))
@@ -415,6 +440,8 @@ def _run_temperature(
         if is_frame:
             with open(partial_path, "a") as handle:
                 write(handle, _label_frame(atoms, settings, temperature_K, time_fs), format="extxyz")
+                handle.flush()
+                os.fsync(handle.fileno())  # on disk before the checkpoint that counts it
         state = {
             "temperature_K": temperature_K,
             "segments_done": segments_done,
@@ -431,9 +458,22 @@ def _run_temperature(
             written += 1
             if stop_after_frames is not None and frames_done + written >= stop_after_frames:
                 raise _Stop
+    # The bond-stretch record first: once the trajectory is in place this temperature is never rerun.
+    _record_max_stretch(out_dir, temperature_K, max_stretch)
     os.replace(partial_path, out_dir / trajectory_file(settings, temperature_K))
     checkpoint_path.unlink()
     return written, max_stretch
+
+
+def _max_stretch_path(out_dir: Path) -> Path:
+    return out_dir / CHECKPOINT_DIR / "max_bond_stretch.json"
+
+
+def _record_max_stretch(out_dir: Path, temperature_K: float, value: float) -> None:
+    path = _max_stretch_path(out_dir)
+    record = read_json_state(path, "bond-stretch record") if path.exists() else {}
+    record[temperature_tag(temperature_K)] = value
+    _write_json_atomically(path, record)
 
 
 def _extxyz_blocks(text: str) -> list[str]:
@@ -456,9 +496,9 @@ def _split(settings: GenerationSettings, out_dir: Path) -> None:
     train = sorted(order[: settings.split_train].tolist())
     test = sorted(order[settings.split_train :].tolist())
     train_name, test_name = split_files(settings)
-    (out_dir / train_name).write_text("".join(blocks[i] for i in train))
-    (out_dir / test_name).write_text("".join(blocks[i] for i in test))
-    full_path.unlink()
+    # The full trajectory stays until generation.json is written: a run stopped here splits again.
+    atomic_write_text(out_dir / train_name, "".join(blocks[i] for i in train))
+    atomic_write_text(out_dir / test_name, "".join(blocks[i] for i in test))
 
 
 def file_statistics(path: Path) -> dict:
@@ -533,39 +573,83 @@ def _readme(settings: GenerationSettings, out_dir_as_given: str, record: dict) -
     return "\n".join(lines) + "\n"
 
 
+def _own_outputs(out_dir: Path) -> list[Path]:
+    """What a run of this command left in ``out_dir`` (for --overwrite), from its own records."""
+    names = {RECORD_FILE, "README.md", CHECKPOINT_DIR}
+    for record_file in (out_dir / RECORD_FILE, out_dir / CHECKPOINT_DIR / "settings.json"):
+        try:
+            record = json.loads(record_file.read_text())
+            settings = GenerationSettings.from_json(record.get("settings", record))
+        except (OSError, ValueError, KeyError, TypeError, GGNDError):
+            continue
+        names.update(output_files(settings))
+        names.update(trajectory_file(settings, t) for t in settings.temperatures_K)
+    return [out_dir / name for name in sorted(names) if (out_dir / name).exists()]
+
+
+def _finish_cleanup(settings: GenerationSettings, out_dir: Path) -> None:
+    """After generation.json: drop the split's full trajectory and the checkpoint folder (idempotent)."""
+    if settings.split_train is not None:
+        (out_dir / trajectory_file(settings, settings.split_at())).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+
+
 def generate(
     settings: GenerationSettings,
     out_dir: str | Path,
     resume: bool = False,
     show_progress: bool = True,
     stop_after_frames: int | None = None,
+    overwrite: bool = False,
 ) -> GenerationResult:
     """Run (or continue) the MD and labelling; write the extxyz files, ``generation.json`` and README.md.
 
-    ``stop_after_frames`` stops after that many frames in total (as an interruption would), leaving a
-    checkpoint that ``resume=True`` continues from; the result then has ``complete=False``.
+    ``out_dir`` must be new or empty, or hold this command's run: ``resume`` continues an unfinished
+    one, ``overwrite`` removes an earlier run's files (and only those) and starts again, or writes into
+    a folder holding other files. ``stop_after_frames`` stops after that many frames in total (as an
+    interruption would), leaving a checkpoint that ``resume=True`` continues from; the result then has
+    ``complete=False``. The folder is locked for the run.
     """
     require_xtb()
     out_dir_as_given = str(out_dir)
     out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise GGNDError("--resume continues a run and --overwrite starts it again: give one of them")
+    own = (out_dir / RECORD_FILE).exists() or (out_dir / CHECKPOINT_DIR).exists()
+    check_output_dir(out_dir, what="-o", is_own=own, overwrite=overwrite)
+    with output_lock(out_dir):
+        if overwrite:
+            for path in _own_outputs(out_dir):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return _generate(
+            settings, out_dir, out_dir_as_given, resume, show_progress, stop_after_frames, overwrite
+        )
+
+
+def _generate(settings, out_dir, out_dir_as_given, resume, show_progress, stop_after_frames, overwrite):
     checkpoint_dir = out_dir / CHECKPOINT_DIR
     settings_path = checkpoint_dir / "settings.json"
     record_path = out_dir / RECORD_FILE
 
     if record_path.exists():
-        previous = GenerationSettings.from_json(json.loads(record_path.read_text())["settings"])
+        record = read_json_state(record_path, "generation record")
+        previous = GenerationSettings.from_json(record["settings"])
         if resume and previous == settings:
+            _finish_cleanup(settings, out_dir)
             files = [out_dir / name for name in output_files(settings)]
-            record = json.loads(record_path.read_text())
             counts = {name: stats["frames"] for name, stats in record["files"].items()}
             return GenerationResult(out_dir, files, counts, record["files"])
-        raise GGNDError(f"{out_dir} already holds a finished generation ({RECORD_FILE}); choose another -o")
+        raise OutputExistsError(
+            f"{out_dir} already holds a finished generation ({RECORD_FILE}); choose another -o or pass "
+            "--overwrite to replace it"
+        )
     if settings_path.exists():
         if not resume:
-            raise GGNDError(
-                f"{out_dir} holds an unfinished generation; pass --resume to continue it or choose another -o"
+            raise OutputExistsError(
+                f"{out_dir} holds an unfinished generation; pass --resume to continue it, --overwrite to "
+                "start again, or choose another -o"
             )
-        stored = GenerationSettings.from_json(json.loads(settings_path.read_text()))
+        stored = GenerationSettings.from_json(read_json_state(settings_path, "generation settings"))
         if stored != settings:
             changed = [
                 f"{f.name} ({getattr(stored, f.name)!r} -> {getattr(settings, f.name)!r})"
@@ -575,10 +659,13 @@ def generate(
             raise GGNDError(
                 f"--resume: the settings differ from those of the run in {out_dir}: {', '.join(changed)}"
             )
-    elif resume and out_dir.exists() and any(out_dir.iterdir()):
-        raise GGNDError(f"--resume: {out_dir} holds no generation checkpoint to continue from")
-    elif out_dir.exists() and any((out_dir / name).exists() for name in output_files(settings)):
-        raise GGNDError(f"{out_dir} already holds output files; choose another -o")
+    elif foreign_entries(out_dir, ()):
+        if resume:
+            raise OutputExistsError(f"--resume: {out_dir} holds no generation checkpoint to continue from")
+        if not overwrite and any((out_dir / name).exists() for name in output_files(settings)):
+            raise OutputExistsError(
+                f"{out_dir} already holds output files; choose another -o or pass --overwrite"
+            )
 
     start, bonds, charge, unpaired = molecule_from_smiles(settings.smiles, settings.seed)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -599,17 +686,15 @@ def generate(
             if done_path.exists():
                 progress.update(settings.equilibration_segments + settings.frames_at(temperature))
             elif checkpoint_path.exists():
-                progress.update(json.loads(checkpoint_path.read_text())["segments_done"])
+                progress.update(read_json_state(checkpoint_path)["segments_done"])
 
-    max_stretch_path = checkpoint_dir / "max_bond_stretch.json"
-    max_stretches = json.loads(max_stretch_path.read_text()) if max_stretch_path.exists() else {}
     frames_done = 0
     try:
         with one_openmp_thread():
             for temperature in settings.temperatures_K:
                 if (out_dir / trajectory_file(settings, temperature)).exists():
                     continue
-                written, max_stretch = _run_temperature(
+                written, _ = _run_temperature(
                     temperature,
                     settings,
                     start,
@@ -622,14 +707,13 @@ def generate(
                     frames_done,
                 )
                 frames_done += written
-                max_stretches[temperature_tag(temperature)] = max_stretch
-                _write_json_atomically(max_stretch_path, max_stretches)
     except _Stop:
         return GenerationResult(out_dir, [], {}, complete=False)
     finally:
         if progress is not None:
             progress.close()
 
+    max_stretches = read_json_state(_max_stretch_path(out_dir), "bond-stretch record")
     if settings.split_train is not None:
         _split(settings, out_dir)
     files = [out_dir / name for name in output_files(settings)]
@@ -645,10 +729,8 @@ def generate(
         "max_bond_stretch_A": max_stretches,
         "files": statistics,
     }
-    (out_dir / "README.md").write_text(_readme(settings, out_dir_as_given, record))
-    _write_json_atomically(record_path, record)
-    for leftover in checkpoint_dir.iterdir():
-        leftover.unlink()
-    checkpoint_dir.rmdir()
+    atomic_write_text(out_dir / "README.md", _readme(settings, out_dir_as_given, record))
+    _write_json_atomically(record_path, record)  # last: from here on the run is finished
+    _finish_cleanup(settings, out_dir)
     counts = {name: stats["frames"] for name, stats in statistics.items()}
     return GenerationResult(out_dir, files, counts, statistics)

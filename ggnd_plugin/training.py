@@ -8,9 +8,8 @@ of any size; the model's own isolated-atom energies (E0s) are kept, not refitted
 from __future__ import annotations
 
 import math
-import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from ggnd_plugin import validation as v
 from ggnd_plugin.adapters.base import HostAdapter
-from ggnd_plugin.errors import GGNDError
+from ggnd_plugin.errors import GGNDError, OutputExistsError
+from ggnd_plugin.safe_io import (
+    atomic_torch_save,
+    output_lock,
+    refuse_input_as_output,
+    save_model,
+    verified_torch_load,
+)
 
 
 @dataclass
 class FinetuneSettings:
+    """One fine-tuning run; checked on creation with the checks (and words) of the command line."""
+
     epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 4
@@ -33,6 +42,23 @@ class FinetuneSettings:
     freeze_host: bool = False
     seed: int = 0
     max_grad_norm: float | None = 10.0
+
+    def __post_init__(self):
+        v.check_settings(
+            self,
+            {
+                "epochs": v.positive_int,
+                "lr": v.positive_float,
+                "batch_size": v.positive_int,
+                "energy_weight": v.non_negative_float,
+                "forces_weight": v.non_negative_float,
+                "seed": v.seed,
+            },
+        )
+        if self.energy_weight == 0 and self.forces_weight == 0:
+            raise GGNDError("energy_weight and forces_weight are both 0: the loss would train nothing")
+        if self.max_grad_norm is not None:
+            v.check_value(v.positive_float, self.max_grad_norm, "max_grad_norm")
 
 
 @dataclass
@@ -90,15 +116,47 @@ def trainable_parameters(adapter: HostAdapter, model: nn.Module, freeze_host: bo
     return ggnd
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    # Write then rename, so a run stopped while saving never leaves a half-written checkpoint.
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
-
-
 def checkpoint_path(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoint.pt")
+
+
+def check_finetune_output(
+    out: Path,
+    inputs: Iterable[tuple[str, Any]] = (),
+    resume: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Refuse an output that would destroy something: an input (always), a folder, another file.
+
+    OUTPUT and its checkpoint are this command's own only when the checkpoint exists: ``resume``
+    continues them, ``overwrite`` starts again over them. ``resume`` with nothing written yet starts
+    the run, so a run killed before its first checkpoint continues with the same command.
+    """
+    out = Path(out)
+    ckpt = checkpoint_path(out)
+    inputs = list(inputs)
+    refuse_input_as_output(out, inputs, "--output")
+    refuse_input_as_output(ckpt, inputs, "--output's checkpoint")
+    if resume and overwrite:
+        raise GGNDError("--resume continues a run and --overwrite starts it again: give one of them")
+    if out.is_dir():
+        raise OutputExistsError(f"--output {out} is a folder; give a file name")
+    if overwrite:
+        return
+    if resume:
+        if out.exists() and not ckpt.exists():
+            raise OutputExistsError(
+                f"--resume: {out} exists but has no checkpoint ({ckpt.name}), so it is not a stopped "
+                "`ggnd finetune` run; choose another --output or pass --overwrite (without --resume)"
+            )
+        return
+    if ckpt.exists():
+        raise OutputExistsError(
+            f"--output {out} has the checkpoint of an earlier run ({ckpt.name}); pass --resume to continue "
+            "it or --overwrite to start again"
+        )
+    if out.exists():
+        raise OutputExistsError(f"--output {out} already exists; pass --overwrite to replace it")
 
 
 def finetune(
@@ -110,18 +168,33 @@ def finetune(
     settings: FinetuneSettings,
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
+    inputs: Iterable[tuple[str, Any]] = (),
 ) -> FinetuneResult:
     """Train ``model`` on ``train`` (energy + force loss), checkpointing every epoch next to ``out``.
 
     The best model on the validation set (or the last, without one) is saved with the adapter to
-    ``out``. With ``resume`` the run continues from the checkpoint and reaches the same result as an
-    uninterrupted run with the same settings.
+    ``out``. With ``resume`` the run continues from the checkpoint and reaches the same result, bit for
+    bit, as an uninterrupted run with the same settings (a run killed before its first checkpoint
+    starts again). ``out`` must not exist unless resuming its run or ``overwrite``; ``inputs``
+    ((argument, path) pairs) are never written. Every file is written atomically and the output is
+    locked against a second run.
     """
     from tqdm.auto import tqdm
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, folder=False):
+        check_finetune_output(out, inputs, resume=resume, overwrite=overwrite)
+        return _finetune(adapter, model, train, valid, out, settings, resume, progress, overwrite, tqdm)
+
+
+def _finetune(adapter, model, train, valid, out, settings, resume, progress, overwrite, tqdm):
+    v.check_frames(train, "training structures")
+    if valid is not None and len(valid) == 0:
+        valid = None
     ckpt = checkpoint_path(out)
+    if overwrite and ckpt.exists():
+        ckpt.unlink()  # the old run must not be mixed into the new one
     params = trainable_parameters(adapter, model, settings.freeze_host)
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     result = FinetuneResult(
@@ -132,10 +205,23 @@ def finetune(
     torch.manual_seed(settings.seed)
     start_epoch, best = 0, math.inf
 
-    if resume:
-        if not ckpt.exists():
-            raise GGNDError(f"--resume: no checkpoint at {ckpt}")
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    def save_checkpoint(epoch: int) -> None:
+        state = {
+            "epoch": epoch,
+            "best": best,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "python_rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "history": [asdict(r) for r in result.history],
+            "settings": asdict(settings),
+        }
+        atomic_torch_save(state, ckpt)
+
+    if resume and ckpt.exists():
+        state = verified_torch_load(ckpt, "fine-tuning checkpoint")
+        if not isinstance(state, dict) or not {"epoch", "model", "settings"} <= set(state):
+            raise GGNDError(f"{ckpt}: not a checkpoint of `ggnd finetune`; it was not loaded")
         if state["settings"] != asdict(settings):
             raise GGNDError(f"--resume: {ckpt} was written with other settings: {state['settings']}")
         model.load_state_dict(state["model"])
@@ -144,6 +230,9 @@ def finetune(
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best = state["epoch"], state["best"]
         result.history = [EpochRecord(**record) for record in state["history"]]
+    else:
+        # Epoch 0: written before OUTPUT can exist, so an OUTPUT without a checkpoint is never ours.
+        save_checkpoint(0)
 
     epochs = range(start_epoch, settings.epochs)
     bar = tqdm(
@@ -179,20 +268,15 @@ def finetune(
         score = record.valid_loss if record.valid_loss is not None else record.train_loss
         if score < best:
             best = score
-            adapter.save(model, out)
+            # Before the checkpoint: a kill between the two repeats this epoch, which saves it again.
+            save_model(adapter, model, out)
         bar.set_postfix(train=f"{record.train_loss:.4g}", valid=f"{record.valid_loss or float('nan'):.4g}")
-        _save_checkpoint(
-            ckpt,
-            {
-                "epoch": epoch + 1,
-                "best": best,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "python_rng": rng.getstate(),
-                "torch_rng": torch.get_rng_state(),
-                "history": [asdict(r) for r in result.history],
-                "settings": asdict(settings),
-            },
+        save_checkpoint(epoch + 1)
+    bar.close()
+    if not out.exists():
+        raise GGNDError(
+            f"{out}: the run finished (checkpoint {ckpt.name}) but its model file is missing; "
+            "pass --overwrite to train again"
         )
     return result
 

@@ -14,6 +14,7 @@ calls it in its own tests, as TorchSim's ``validate_model_outputs`` does for mod
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 from abc import ABC, abstractmethod
@@ -163,15 +164,33 @@ class HostAdapter(ABC):
 
     # ---- input checks shared by all hosts -----------------------------------------------------------
     def check_structures(self, model: nn.Module, structures: Sequence[Atoms], source: str = "input") -> None:
-        """Refuse structures the model cannot describe, naming the frame and the problem."""
-        from ggnd_plugin.data import check_elements
+        """Refuse structures the model cannot describe, naming the frame and the problem.
 
-        for index, atoms in enumerate(structures):
-            if len(atoms) == 0:
-                raise GGNDError(f"{source}: frame {index} has no atoms")
-            if not torch.isfinite(torch.as_tensor(atoms.get_positions())).all():
-                raise GGNDError(f"{source}: frame {index} has non-finite positions")
-        check_elements(structures, self.atomic_numbers(model), source, f"{self.name} model")
+        The checks and messages are :func:`ggnd_plugin.validation.check_frames`, the ones the command
+        line gives for a file.
+        """
+        from ggnd_plugin.validation import check_frames
+
+        check_frames(structures, source, self.atomic_numbers(model), f"{self.name} model")
+
+    def __init_subclass__(cls, **kwargs):
+        """Every adapter's ``predict`` checks its structures first, third-party adapters included.
+
+        A NaN position or an unknown element then stops with the CLI's one-line message instead of a
+        traceback from inside the host (or a silent NaN energy).
+        """
+        super().__init_subclass__(**kwargs)
+        predict = cls.__dict__.get("predict")
+        if predict is None or getattr(predict, "_checks_structures", False):
+            return
+
+        @functools.wraps(predict)
+        def checked_predict(self, model, structures, training: bool = False, **options):
+            self.check_structures(model, structures, "structures")
+            return predict(self, model, structures, training=training, **options)
+
+        checked_predict._checks_structures = True  # type: ignore[attr-defined]
+        cls.predict = checked_predict
 
     def describe(self) -> dict[str, Any]:
         usable, reason = self.availability()

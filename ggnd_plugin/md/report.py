@@ -144,34 +144,54 @@ def _json_safe(value):
     return value
 
 
+OUTPUT_FILES = (
+    "results.json",
+    "results.csv",
+    "summary.md",
+    "timeseries.npz",
+    "max_bond_deviation.png",
+    "survival.png",
+)
+
+
 def write_results(result: StabilityResult, out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
-    """Write every output file of a run into ``out_dir``; returns their paths by name."""
+    """Write every output file of a run into ``out_dir``; returns their paths by name.
+
+    Each file is written atomically (a temporary file renamed into place), so a run killed while
+    writing leaves the previous complete file or the new one.
+    """
+    from ggnd_plugin.safe_io import atomic_path, atomic_write_text
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = public_rows(result)
     paths = {name: out_dir / name for name in ("results.json", "results.csv", "summary.md", "timeseries.npz")}
-    paths["results.json"].write_text(
+    atomic_write_text(
+        paths["results.json"],
         json.dumps(
             _json_safe({"protocol": result.protocol, "summary": summarise(result), "replicas": rows}),
             indent=2,
-        )
+        ),
     )
     column = deviation_column(result.protocol)
-    with paths["results.csv"].open("w", newline="") as handle:
+    with atomic_path(paths["results.csv"]) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[*CSV_COLUMNS, column])
         writer.writeheader()
         for row in rows:
             writer.writerow({key: ("" if row[key] is None else row[key]) for key in writer.fieldnames})
-    paths["summary.md"].write_text(summary_markdown(result))
+    atomic_write_text(paths["summary.md"], summary_markdown(result))
     arrays = {
         f"{key}/{name}": values for key, series in result.series.items() for name, values in series.items()
     }
-    np.savez_compressed(paths["timeseries.npz"], **arrays)
+    with atomic_path(paths["timeseries.npz"]) as tmp:
+        np.savez_compressed(tmp, **arrays)
     if plots:
         from ggnd_plugin.md.plots import plot_max_deviation, plot_survival
 
-        paths["max_bond_deviation.png"] = plot_max_deviation(result, out_dir / "max_bond_deviation.png")
-        paths["survival.png"] = plot_survival(result, out_dir / "survival.png")
+        for name, plot in (("max_bond_deviation.png", plot_max_deviation), ("survival.png", plot_survival)):
+            with atomic_path(out_dir / name) as tmp:
+                plot(result, tmp)
+            paths[name] = out_dir / name
     return paths
 
 

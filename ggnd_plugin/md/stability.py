@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ggnd_plugin import validation as v
 from ggnd_plugin.errors import GGNDError
+from ggnd_plugin.safe_io import atomic_torch_save, output_lock, verified_torch_load
 
 ENSEMBLES = ("nve", "nvt-langevin", "nvt-nose-hoover")
 CRITERIA = ("auto", "bonds", "rdf")
@@ -69,6 +70,7 @@ class StabilityProtocol:
         return self.timestep_fs * 1e-3
 
     def validate(self) -> None:
+        """Refuse an impossible protocol; the value checks are the command line's (same words)."""
         if self.ensemble not in ENSEMBLES:
             raise GGNDError(f"unknown ensemble '{self.ensemble}' (choose from {', '.join(ENSEMBLES)})")
         if self.criterion not in CRITERIA:
@@ -77,10 +79,11 @@ class StabilityProtocol:
             raise GGNDError(f"unknown bond rule '{self.bond_rule}' (choose from {', '.join(BOND_RULES)})")
         if not self.temperatures:
             raise GGNDError("give at least one temperature")
-        if any(not math.isfinite(t) or t <= 0 for t in self.temperatures):
-            raise GGNDError(f"temperatures must be positive (got {list(self.temperatures)})")
+        for temperature in self.temperatures:
+            v.check_value(v.positive_float, temperature, "temperatures")
         if len(set(self.temperatures)) != len(self.temperatures):
             raise GGNDError(f"temperatures repeat: {list(self.temperatures)}")
+        v.check_value(v.seed, self.seed, "seed")
         for name in (
             "replicas",
             "record_every_steps",
@@ -88,8 +91,7 @@ class StabilityProtocol:
             "rdf_every_steps",
             "rdf_bins",
         ):
-            if getattr(self, name) < 1:
-                raise GGNDError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+            v.check_value(v.positive_int, getattr(self, name), name)
         for name in (
             "time_ps",
             "timestep_fs",
@@ -98,11 +100,10 @@ class StabilityProtocol:
             "bond_cutoff",
             "rdf_window_ps",
         ):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise GGNDError(f"{name.replace('_', '-')} must be positive (got {value})")
-        if self.threshold is not None and not (math.isfinite(self.threshold) and self.threshold > 0):
-            raise GGNDError(f"threshold must be positive (got {self.threshold})")
+            v.check_value(v.positive_float, getattr(self, name), name)
+        for name in ("threshold", "rdf_r_max"):
+            if getattr(self, name) is not None:
+                v.check_value(v.positive_float, getattr(self, name), name)
         if self.n_steps < 1:
             raise GGNDError(f"--time-ps {self.time_ps} is shorter than one {self.timestep_fs} fs step")
 
@@ -345,13 +346,6 @@ def _restore_state(tensors: dict[str, Any], integrator: _Integrator, rng_state: 
     return state
 
 
-def _save_atomically(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
 # ---------------------------------------------------------------------------------------------------
 # The loop for one model
 # ---------------------------------------------------------------------------------------------------
@@ -443,7 +437,7 @@ class _ModelRun:
             payload["rng"] = self.state.rng.get_state()
             payload["monitor"] = self.monitor.state_dict()
             payload["run_max"] = self.run_max.detach().cpu()
-        _save_atomically(payload, self.checkpoint)
+        atomic_torch_save(payload, self.checkpoint)
 
     # -- per step ---------------------------------------------------------------------------------------
     def _reset_window(self, n_active: int) -> None:
@@ -605,18 +599,18 @@ def _frames_by_temperature(start_frames, temperatures) -> dict[float, list]:
         missing = [t for t in temperatures if t not in start_frames]
         if missing:
             raise GGNDError(f"no start frames given for temperature(s) {missing}")
-        by_temperature = {t: list(start_frames[t]) for t in temperatures}
-    else:
-        by_temperature = {t: list(start_frames) for t in temperatures}
-    for temperature, frames in by_temperature.items():
-        if not frames:
-            raise GGNDError(f"no start frames for {temperature:g} K")
-    return by_temperature
+        for temperature in temperatures:
+            v.check_frames(start_frames[temperature], f"start frames for {temperature:g} K")
+        return {t: list(start_frames[t]) for t in temperatures}
+    v.check_frames(start_frames, "start frames")
+    return {t: list(start_frames) for t in temperatures}
 
 
 def _check_checkpoint(
     payload: dict, name: str, protocol: StabilityProtocol, plan, monitor, path: Path
 ) -> None:
+    if not isinstance(payload, dict) or not {"model", "protocol", "plan", "finished"} <= set(payload):
+        raise GGNDError(f"{path}: not a stability checkpoint of ggnd-plugin; it was not loaded")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise GGNDError(f"{path}: checkpoint version {payload.get('version')} is not {CHECKPOINT_VERSION}")
     if payload["model"] != name:
@@ -644,6 +638,7 @@ def run_stability(
     resume: bool = False,
     progress: bool = True,
     sources: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> StabilityResult:
     """Run the stability protocol for each TorchSim model; all its replicas in one batched state.
 
@@ -652,10 +647,13 @@ def run_stability(
         start_frames: ASE Atoms to draw start frames from, or {temperature: frames}.
         reference_frames: ASE Atoms defining bonds and equilibrium lengths (or the reference RDF).
         protocol: the :class:`StabilityProtocol`.
-        out_dir: where checkpoints go (``out_dir/checkpoints/<model>.pt``); None: no checkpoints.
-        resume: continue from the checkpoints in ``out_dir`` (finished models are not re-run).
+        out_dir: where checkpoints go (``out_dir/checkpoints/<model>.pt``); None: no checkpoints. The
+            folder is locked for the run (a second run into it stops at once).
+        resume: continue from the checkpoints in ``out_dir`` (finished models are not re-run). Each
+            checkpoint is verified (CRC of every record) before it is loaded.
         progress: show a progress bar per model.
         sources: extra provenance (file names) copied into the protocol record.
+        overwrite: start again over the checkpoints of an earlier run in ``out_dir``.
 
     Returns:
         :class:`StabilityResult` with the protocol record, one row per replica and the windowed time
@@ -664,6 +662,21 @@ def run_stability(
     protocol.validate()
     if not models:
         raise GGNDError("no models to run")
+    v.check_frames(reference_frames, "reference frames")
+    if out_dir is None:
+        return _run_stability(
+            models, start_frames, reference_frames, protocol, None, False, progress, sources
+        )
+    with output_lock(Path(out_dir)):
+        if overwrite and not resume:
+            for stale in (Path(out_dir) / "checkpoints").glob("*.pt"):
+                stale.unlink()
+        return _run_stability(
+            models, start_frames, reference_frames, protocol, out_dir, resume, progress, sources
+        )
+
+
+def _run_stability(models, start_frames, reference_frames, protocol, out_dir, resume, progress, sources):
     by_temperature = _frames_by_temperature(start_frames, protocol.temperatures)
     first_start = next(iter(by_temperature.values()))[0]
     for temperature, frames in by_temperature.items():
@@ -701,7 +714,7 @@ def run_stability(
         path = checkpoint_dir / f"{name}.pt" if checkpoint_dir is not None else None
         run = _ModelRun(name, model, plan, frames_for, monitor, protocol, path, progress)
         if resume and path is not None and path.exists():
-            payload = torch.load(path, map_location="cpu", weights_only=False)
+            payload = verified_torch_load(path, f"stability checkpoint of model '{name}'")
             _check_checkpoint(payload, name, protocol, plan, monitor, path)
             run.restore(payload)
             if not payload["finished"]:
