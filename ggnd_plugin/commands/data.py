@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from ggnd_plugin import validation as v
 from ggnd_plugin.errors import GGNDError
 
 
@@ -16,6 +15,7 @@ def register(subparsers) -> None:
     )
     data_commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     parser.set_defaults(handler=lambda args: parser.print_help() or 1)
+    v.one_line_errors(parser)
 
     generate = data_commands.add_parser(
         "generate",
@@ -23,37 +23,50 @@ def register(subparsers) -> None:
         description="Build the molecule from SMILES (RDKit), run Langevin MD with GFN2-xTB forces (tblite) at each "
         "temperature after an equilibration period, and write one labelled frame every --spacing-fs to "
         "OUT/<name>_<T>K.xyz (energy in eV, forces in eV/Å), plus OUT/README.md and OUT/generation.json. "
-        "Deterministic for a seed; stop at any time and continue with --resume. "
+        "Deterministic for a seed; stop at any time and continue with --resume. OUT must be new or empty "
+        "unless it holds this command's run (--overwrite replaces it). "
         "Needs the xtb extra: pip install 'ggnd-plugin[xtb]'.",
     )
-    generate.add_argument("--smiles", required=True, help="the molecule, e.g. 'Nc1ncccc1OCc1ccccc1' (3BPA)")
     generate.add_argument(
-        "--temperature", nargs="+", type=float, required=True, metavar="K", help="MD temperatures (K)"
+        "--smiles", required=True, type=v.TEXT, help="the molecule, e.g. 'Nc1ncccc1OCc1ccccc1' (3BPA)"
+    )
+    generate.add_argument(
+        "--temperature",
+        nargs="+",
+        type=v.POSITIVE_FLOAT,
+        required=True,
+        metavar="K",
+        help="MD temperatures (K)",
     )
     generate.add_argument(
         "--frames",
         nargs="+",
-        type=int,
+        type=v.POSITIVE_INT,
         required=True,
         metavar="N",
         help="labelled frames per temperature: one count for all, or one per --temperature",
     )
-    generate.add_argument("--name", default="molecule", help="file-name stem; default 'molecule'")
     generate.add_argument(
-        "--spacing-fs", type=float, default=50.0, help="MD time between written frames (fs); default 50"
+        "--name", default="molecule", type=v.FILE_STEM, help="file-name stem; default 'molecule'"
+    )
+    generate.add_argument(
+        "--spacing-fs",
+        type=v.POSITIVE_FLOAT,
+        default=50.0,
+        help="MD time between written frames (fs); default 50",
     )
     generate.add_argument(
         "--timestep-fs",
-        type=float,
+        type=v.POSITIVE_FLOAT,
         default=0.5,
         help="MD time step (fs); default 0.5, which keeps X-H vibrations stable at 1200 K",
     )
     generate.add_argument(
-        "--friction", type=float, default=0.01, help="Langevin friction (1/fs); default 0.01"
+        "--friction", type=v.NON_NEGATIVE_FLOAT, default=0.01, help="Langevin friction (1/fs); default 0.01"
     )
     generate.add_argument(
         "--equilibration-ps",
-        type=float,
+        type=v.NON_NEGATIVE_FLOAT,
         default=1.0,
         help="MD before the first frame, not written (ps; rounded up to whole spacings); default 1",
     )
@@ -64,40 +77,50 @@ def register(subparsers) -> None:
         help="tblite Hamiltonian; default gfn2-xtb",
     )
     generate.add_argument(
-        "--electronic-temperature", type=float, default=300.0, help="xTB Fermi smearing (K); default 300"
+        "--electronic-temperature",
+        type=v.NON_NEGATIVE_FLOAT,
+        default=300.0,
+        help="xTB Fermi smearing (K); default 300",
     )
     generate.add_argument(
-        "--seed", type=int, default=0, help="seeds the geometry, velocities, noise and split"
+        "--seed", type=v.SEED, default=0, help="seeds the geometry, velocities, noise and split"
     )
     generate.add_argument(
         "--split",
-        type=int,
+        type=v.POSITIVE_INT,
         metavar="N_TRAIN",
         help="split one temperature's frames at random into N_TRAIN training frames "
         "(<name>_<T>K_train.xyz) and the rest (<name>_<T>K_test.xyz)",
     )
     generate.add_argument(
         "--split-temperature",
-        type=float,
+        type=v.POSITIVE_FLOAT,
         metavar="K",
         help="the temperature --split applies to; default the first",
     )
     generate.add_argument(
         "--max-bond-stretch",
-        type=float,
+        type=v.POSITIVE_FLOAT,
         default=1.0,
         metavar="Å",
         help="stop with an error when a bond of the SMILES stretches this far (the molecule broke); default 1.0",
     )
-    generate.add_argument("-o", "--out", type=Path, required=True, help="output directory")
+    generate.add_argument("-o", "--out", type=v.OUTPUT_DIR, required=True, help="output directory")
     generate.add_argument("--resume", action="store_true", help="continue the run stopped in --out")
     generate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    generate.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run's files in --out and start again, or write into a folder holding other files",
+    )
     generate.set_defaults(handler=run_generate)
+    v.one_line_errors(generate)
 
     listing = data_commands.add_parser(
         "list", help="the datasets shipped inside ggnd-plugin, with their paths"
     )
     listing.set_defaults(handler=run_list)
+    v.one_line_errors(listing)
 
 
 def run_generate(args) -> int:
@@ -119,7 +142,13 @@ def run_generate(args) -> int:
         max_bond_stretch=args.max_bond_stretch,
         electronic_temperature_K=args.electronic_temperature,
     )
-    result = generate(settings, args.out, resume=args.resume, show_progress=not args.no_progress)
+    result = generate(
+        settings,
+        args.out,
+        resume=args.resume,
+        show_progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
     for path in result.files:
         stats = result.statistics[path.name]
         print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ggnd_plugin import validation as v
 from ggnd_plugin.errors import GGNDError
 
 HOST_HELP = "host package of MODEL: auto (detect from the file) or an adapter name (see `ggnd adapters`)"
@@ -15,44 +16,67 @@ def register(subparsers) -> None:
         "upgrade",
         help="attach a GGND block to a fitted model (predictions unchanged until trained)",
         description="Load a fitted model, attach a GGND block whose fusion readout starts at zero, and "
-        "save it in the host's own format.",
+        "save it in the host's own format. OUTPUT must not exist (--overwrite replaces it) and is never "
+        "MODEL itself.",
     )
-    upgrade.add_argument("model", type=Path, help="fitted model file")
-    upgrade.add_argument("-o", "--output", type=Path, required=True, help="where to write the upgraded model")
-    upgrade.add_argument("--host", default="auto", help=HOST_HELP)
-    upgrade.add_argument("--config", type=Path, help="YAML file of GGND options (see docs/block.md)")
-    upgrade.add_argument("--seed", type=int, default=0, help="seed for the block's initial weights")
+    upgrade.add_argument("model", type=v.MODEL_FILE, help="fitted model file")
+    upgrade.add_argument(
+        "-o", "--output", type=v.OUTPUT_FILE, required=True, help="where to write the upgraded model"
+    )
+    upgrade.add_argument("--host", default="auto", type=v.HOST, help=HOST_HELP)
+    upgrade.add_argument("--config", type=v.YAML_FILE, help="YAML file of GGND options (see docs/block.md)")
+    upgrade.add_argument("--seed", type=v.SEED, default=0, help="seed for the block's initial weights")
+    upgrade.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     upgrade.set_defaults(handler=run_upgrade)
+    v.one_line_errors(upgrade)
 
     finetune = subparsers.add_parser(
         "finetune",
         help="train a model (with GGND) on energies and forces",
-        description="Energy + force loss, the model's own E0s, a checkpoint every epoch (--resume continues). "
-        "A model without GGND gets a block attached first (options from --config).",
+        description="Energy + force loss, the model's own E0s, a checkpoint every epoch (--resume continues "
+        "a stopped run to the same result). A model without GGND gets a block attached first (options from "
+        "--config). OUTPUT must not exist unless --resume (its own run) or --overwrite, and is never one "
+        "of the inputs.",
     )
-    finetune.add_argument("model", type=Path)
-    finetune.add_argument("--train", type=Path, required=True, help="extxyz with energy and forces")
-    finetune.add_argument("--valid", type=Path, help="extxyz for validation (best model is kept)")
-    finetune.add_argument("-o", "--output", type=Path, required=True)
-    finetune.add_argument("--host", default="auto", help=HOST_HELP)
-    finetune.add_argument("--config", type=Path, help="GGND options, used when MODEL has no GGND block yet")
-    finetune.add_argument("--epochs", type=int, default=10)
-    finetune.add_argument("--lr", type=float, default=1e-3)
-    finetune.add_argument("--batch-size", type=int, default=4)
-    finetune.add_argument("--energy-weight", type=float, default=1.0)
-    finetune.add_argument("--forces-weight", type=float, default=10.0)
+    finetune.add_argument("model", type=v.MODEL_FILE)
+    finetune.add_argument(
+        "--train", type=v.STRUCTURE_FILE, required=True, help="extxyz with energy and forces"
+    )
+    finetune.add_argument("--valid", type=v.STRUCTURE_FILE, help="extxyz for validation (best model is kept)")
+    finetune.add_argument("-o", "--output", type=v.OUTPUT_FILE, required=True)
+    finetune.add_argument("--host", default="auto", type=v.HOST, help=HOST_HELP)
+    finetune.add_argument(
+        "--config", type=v.YAML_FILE, help="GGND options, used when MODEL has no GGND block yet"
+    )
+    finetune.add_argument("--epochs", type=v.POSITIVE_INT, default=10)
+    finetune.add_argument("--lr", type=v.POSITIVE_FLOAT, default=1e-3)
+    finetune.add_argument("--batch-size", type=v.POSITIVE_INT, default=4)
+    finetune.add_argument("--energy-weight", type=v.NON_NEGATIVE_FLOAT, default=1.0)
+    finetune.add_argument("--forces-weight", type=v.NON_NEGATIVE_FLOAT, default=10.0)
     finetune.add_argument("--freeze-host", action="store_true", help="train only the GGND block")
-    finetune.add_argument("--seed", type=int, default=0)
-    finetune.add_argument("--resume", action="store_true", help="continue from OUTPUT.checkpoint.pt")
+    finetune.add_argument("--seed", type=v.SEED, default=0)
+    finetune.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run stopped at OUTPUT (from OUTPUT.checkpoint.pt; starts it when nothing was written)",
+    )
+    finetune.add_argument(
+        "--overwrite", action="store_true", help="replace OUTPUT and its checkpoint, starting again"
+    )
     finetune.set_defaults(handler=run_finetune)
+    v.one_line_errors(finetune)
 
     evaluate = subparsers.add_parser("evaluate", help="energy and force errors of a model on labelled data")
-    evaluate.add_argument("model", type=Path)
-    evaluate.add_argument("--data", type=Path, required=True, help="extxyz with energy and forces")
-    evaluate.add_argument("--host", default="auto", help=HOST_HELP)
-    evaluate.add_argument("--json", type=Path, help="also write the metrics here")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("model", type=v.MODEL_FILE)
+    evaluate.add_argument(
+        "--data", type=v.STRUCTURE_FILE, required=True, help="extxyz with energy and forces"
+    )
+    evaluate.add_argument("--host", default="auto", type=v.HOST, help=HOST_HELP)
+    evaluate.add_argument("--json", type=v.OUTPUT_FILE, help="also write the metrics here")
+    evaluate.add_argument("--batch-size", type=v.POSITIVE_INT, default=8)
+    evaluate.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     evaluate.set_defaults(handler=run_evaluate)
+    v.one_line_errors(evaluate)
 
 
 def _load(args):
@@ -92,13 +116,19 @@ def _count(parameters) -> int:
 def run_upgrade(args) -> int:
     import torch
 
+    from ggnd_plugin.safe_io import check_output_file, output_lock, save_model
+
+    inputs = [("MODEL", args.model), ("--config", args.config)]
+    check_output_file(args.output, what="--output", overwrite=args.overwrite, inputs=inputs)
     adapter, model = _load(args)
     if adapter.ggnd_blocks(model):
         raise GGNDError(f"{args.model}: already has a GGND block; use `ggnd finetune` to train it")
     config = _config(args.config)
     torch.manual_seed(args.seed)
     upgraded = adapter.attach(model, config)
-    path = adapter.save(upgraded, args.output)
+    with output_lock(args.output, folder=False):
+        check_output_file(args.output, what="--output", overwrite=args.overwrite, inputs=inputs)
+        path = save_model(adapter, upgraded, args.output)
     ggnd = _count(adapter.ggnd_parameters(upgraded))
     print(
         f"upgraded {args.model} ({adapter.name}, {_count(model.parameters()):,} parameters) with a GGND block "
@@ -118,8 +148,15 @@ def _labelled(path: Path, adapter, model):
 def run_finetune(args) -> int:
     import torch
 
-    from ggnd_plugin.training import FinetuneSettings, finetune
+    from ggnd_plugin.training import FinetuneSettings, check_finetune_output, finetune
 
+    inputs = [
+        ("MODEL", args.model),
+        ("--train", args.train),
+        ("--valid", args.valid),
+        ("--config", args.config),
+    ]
+    check_finetune_output(args.output, inputs, resume=args.resume, overwrite=args.overwrite)
     adapter, model = _load(args)
     train = _labelled(args.train, adapter, model)
     valid = _labelled(args.valid, adapter, model) if args.valid else None
@@ -136,7 +173,17 @@ def run_finetune(args) -> int:
         freeze_host=args.freeze_host,
         seed=args.seed,
     )
-    result = finetune(adapter, model, train, valid, args.output, settings, resume=args.resume)
+    result = finetune(
+        adapter,
+        model,
+        train,
+        valid,
+        args.output,
+        settings,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        inputs=inputs,
+    )
     last = result.history[-1] if result.history else None
     print(
         f"trained {result.trained_parameters:,} parameters ({result.frozen_parameters:,} frozen) on "
@@ -154,8 +201,12 @@ def run_evaluate(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from ggnd_plugin.safe_io import atomic_write_text, check_output_file
     from ggnd_plugin.training import evaluate
 
+    inputs = [("MODEL", args.model), ("--data", args.data)]
+    if args.json:
+        check_output_file(args.json, what="--json", overwrite=args.overwrite, inputs=inputs)
     adapter, model = _load(args)
     frames = _labelled(args.data, adapter, model)
     model.eval()
@@ -175,8 +226,7 @@ def run_evaluate(args) -> int:
     )
     Console().print(table)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps({"model": str(args.model), "data": str(args.data), **metrics}, indent=2)
+        atomic_write_text(
+            args.json, json.dumps({"model": str(args.model), "data": str(args.data), **metrics}, indent=2)
         )
     return 0

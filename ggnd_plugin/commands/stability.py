@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ggnd_plugin.errors import GGNDError
+from ggnd_plugin import validation as v
+from ggnd_plugin.errors import GGNDError, OutputExistsError
 
 HOST_HELP = (
     "host package of the MODELs: auto (detect from each file) or an adapter name (see `ggnd adapters`)"
@@ -17,41 +18,49 @@ def register(subparsers) -> None:
         help="MD stability: many replicas per model in one batched TorchSim run",
         description="Run MD replicas of each model at each temperature, all in one batched TorchSim state, "
         "and record when each replica becomes unstable (max bond deviation > threshold for molecules, RDF "
-        "distance for periodic systems). Defaults follow the paper: NVE velocity Verlet, 1 fs, 100 ps, 0.5 Å.",
+        "distance for periodic systems). Defaults follow the paper: NVE velocity Verlet, 1 fs, 100 ps, 0.5 Å. "
+        "--out must be new or empty unless it holds this command's run (--resume continues it, --overwrite "
+        "starts again).",
     )
-    parser.add_argument("models", nargs="+", type=Path, metavar="MODEL", help="fitted model files")
+    parser.add_argument("models", nargs="+", type=v.MODEL_FILE, metavar="MODEL", help="fitted model files")
     parser.add_argument(
         "--start",
         nargs="+",
-        type=Path,
+        type=v.STRUCTURE_FILE,
         required=True,
         metavar="START",
         help="extxyz to draw start frames from: one file, or one per --temperature (same order)",
     )
     parser.add_argument(
         "--reference",
-        type=Path,
+        type=v.STRUCTURE_FILE,
         required=True,
         help="frames defining bonds and their lengths (or the reference RDF)",
     )
     parser.add_argument(
         "--temperature",
         nargs="+",
-        type=float,
+        type=v.POSITIVE_FLOAT,
         default=[300.0],
         metavar="K",
         help="temperatures (K); default 300",
     )
-    parser.add_argument("--replicas", type=int, default=5, help="replicas per temperature (paper: 5)")
-    parser.add_argument("--time-ps", type=float, default=100.0, help="horizon (ps); default 100")
-    parser.add_argument("--timestep-fs", type=float, default=1.0, help="time step (fs); default 1")
-    parser.add_argument("--ensemble", choices=("nve", "nvt-langevin", "nvt-nose-hoover"), default="nve")
-    parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction (1/fs); default 0.01")
     parser.add_argument(
-        "--nose-hoover-tau-fs", type=float, default=100.0, help="Nose-Hoover relaxation time (fs)"
+        "--replicas", type=v.POSITIVE_INT, default=5, help="replicas per temperature (paper: 5)"
+    )
+    parser.add_argument("--time-ps", type=v.POSITIVE_FLOAT, default=100.0, help="horizon (ps); default 100")
+    parser.add_argument("--timestep-fs", type=v.POSITIVE_FLOAT, default=1.0, help="time step (fs); default 1")
+    parser.add_argument("--ensemble", choices=("nve", "nvt-langevin", "nvt-nose-hoover"), default="nve")
+    parser.add_argument(
+        "--friction", type=v.POSITIVE_FLOAT, default=0.01, help="Langevin friction (1/fs); default 0.01"
     )
     parser.add_argument(
-        "--threshold", type=float, help="instability threshold Δ (default 0.5 Å for bonds, 1.0 for RDF)"
+        "--nose-hoover-tau-fs", type=v.POSITIVE_FLOAT, default=100.0, help="Nose-Hoover relaxation time (fs)"
+    )
+    parser.add_argument(
+        "--threshold",
+        type=v.POSITIVE_FLOAT,
+        help="instability threshold Δ (default 0.5 Å for bonds, 1.0 for RDF)",
     )
     parser.add_argument(
         "--criterion", choices=("auto", "bonds", "rdf"), default="auto", help="auto: RDF when periodic"
@@ -62,37 +71,67 @@ def register(subparsers) -> None:
         default="reference",
         help="reference: pairs closer than --bond-cutoff in every reference frame; natural: ASE natural cutoffs on frame 0",
     )
-    parser.add_argument("--bond-cutoff", type=float, default=1.8, help="Å; default 1.8")
-    parser.add_argument("--rdf-window-ps", type=float, default=1.0)
-    parser.add_argument("--rdf-bins", type=int, default=100, help="RDF bins up to --rdf-r-max; default 100")
-    parser.add_argument("--rdf-r-max", type=float, help="Å; default min(6, half the smallest cell width)")
+    parser.add_argument("--bond-cutoff", type=v.POSITIVE_FLOAT, default=1.8, help="Å; default 1.8")
+    parser.add_argument("--rdf-window-ps", type=v.POSITIVE_FLOAT, default=1.0)
     parser.add_argument(
-        "--seed", type=int, default=0, help="seeds start frames, velocities and thermostat noise"
+        "--rdf-bins", type=v.POSITIVE_INT, default=100, help="RDF bins up to --rdf-r-max; default 100"
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
+    parser.add_argument(
+        "--rdf-r-max", type=v.POSITIVE_FLOAT, help="Å; default min(6, half the smallest cell width)"
+    )
+    parser.add_argument(
+        "--seed", type=v.SEED, default=0, help="seeds start frames, velocities and thermostat noise"
+    )
+    parser.add_argument("--device", default="cpu", type=v.DEVICE, help="cpu or cuda (or cuda:N)")
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     parser.add_argument(
-        "--record-every", type=int, default=10, metavar="STEPS", help="time-series window (steps)"
+        "--record-every", type=v.POSITIVE_INT, default=10, metavar="STEPS", help="time-series window (steps)"
     )
-    parser.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--checkpoint-every", type=v.POSITIVE_INT, default=500, metavar="STEPS")
+    parser.add_argument("--out", type=v.OUTPUT_DIR, required=True, help="output directory")
     parser.add_argument("--resume", action="store_true", help="continue the run stopped in --out")
-    parser.add_argument("--host", default="auto", help=HOST_HELP)
+    parser.add_argument("--host", default="auto", type=v.HOST, help=HOST_HELP)
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again over an earlier run in --out, or write into a folder holding other files",
+    )
     parser.set_defaults(handler=run)
+    v.one_line_errors(parser)
 
 
 def _device(name: str):
     import torch
 
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise GGNDError(f"--device {name}: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GGNDError("--device cuda: no CUDA device is available here (use --device cpu)")
-    return device
+    return torch.device(v.check_value(v.device, name, "--device"))
+
+
+def check_out(args) -> None:
+    """--out: a new or empty folder, this command's own run (--resume, --overwrite), never an input."""
+    from ggnd_plugin.md.report import OUTPUT_FILES
+    from ggnd_plugin.safe_io import check_output_dir, foreign_entries, refuse_input_as_output
+
+    inputs = [("MODEL", path) for path in args.models]
+    inputs += [("--start", path) for path in args.start] + [("--reference", args.reference)]
+    out = args.out
+    checkpoints = out / "checkpoints"
+    own = checkpoints.is_dir() and any(checkpoints.glob("*.pt"))
+    check_output_dir(out, what="--out", is_own=own or args.resume, overwrite=args.overwrite, inputs=inputs)
+    for name in (*OUTPUT_FILES, *(f"checkpoints/{n}.pt" for n in _names(args.models))):
+        refuse_input_as_output(out / name, inputs, "--out")
+    if args.resume and args.overwrite:
+        raise GGNDError("--resume continues a run and --overwrite starts it again: give one of them")
+    if args.resume and not own and foreign_entries(out, ()):
+        raise OutputExistsError(
+            f"--resume: {out} holds no `ggnd stability` run to continue (no checkpoints/)"
+        )
+    if own and not args.resume and not args.overwrite:
+        raise OutputExistsError(
+            f"--out {out} holds checkpoints of an earlier run: pass --resume to continue it, --overwrite "
+            "to start again, or choose another --out"
+        )
 
 
 def _names(paths: list[Path]) -> list[str]:
@@ -111,8 +150,6 @@ def load_models(paths: list[Path], host: str, device, dtype, start_frames) -> di
 
     models = {}
     for name, path in zip(_names(paths), paths, strict=True):
-        if not path.exists():
-            raise GGNDError(f"{path}: no such file")
         adapter = resolve(host, path)
         try:
             model = adapter.load(path, device=str(device))
@@ -133,19 +170,13 @@ def run(args) -> int:
     from ggnd_plugin.data import read_structures
     from ggnd_plugin.md.report import print_summary, write_results
     from ggnd_plugin.md.stability import StabilityProtocol, run_stability
+    from ggnd_plugin.safe_io import output_lock
 
     temperatures = tuple(args.temperature)
     if len(args.start) not in (1, len(temperatures)):
         raise GGNDError(
             f"--start takes one file or one per temperature ({len(temperatures)}), not {len(args.start)}"
         )
-    if len(args.start) == 1:
-        start_frames = read_structures(args.start[0])
-        all_start = start_frames
-    else:
-        start_frames = {t: read_structures(path) for t, path in zip(temperatures, args.start, strict=True)}
-        all_start = [atoms for frames in start_frames.values() for atoms in frames]
-    reference = read_structures(args.reference)
     protocol = StabilityProtocol(
         temperatures=temperatures,
         replicas=args.replicas,
@@ -166,6 +197,14 @@ def run(args) -> int:
         rdf_bins=args.rdf_bins,
     )
     protocol.validate()
+    check_out(args)
+    if len(args.start) == 1:
+        start_frames = read_structures(args.start[0])
+        all_start = start_frames
+    else:
+        start_frames = {t: read_structures(path) for t, path in zip(temperatures, args.start, strict=True)}
+        all_start = [atoms for frames in start_frames.values() for atoms in frames]
+    reference = read_structures(args.reference)
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     models = load_models(args.models, args.host, device, dtype, all_start)
@@ -174,17 +213,20 @@ def run(args) -> int:
         "reference": f"{args.reference} ({len(reference)} frames)",
         "model_files": {name: str(path) for name, path in zip(models, args.models, strict=True)},
     }
-    result = run_stability(
-        models,
-        start_frames,
-        reference,
-        protocol,
-        out_dir=args.out,
-        resume=args.resume,
-        progress=not args.no_progress,
-        sources=sources,
-    )
-    paths = write_results(result, args.out, plots=not args.no_plots)
+    with output_lock(args.out):
+        check_out(args)  # again, now that no other run can change the folder
+        result = run_stability(
+            models,
+            start_frames,
+            reference,
+            protocol,
+            out_dir=args.out,
+            resume=args.resume,
+            progress=not args.no_progress,
+            sources=sources,
+            overwrite=args.overwrite,
+        )
+        paths = write_results(result, args.out, plots=not args.no_plots)
     print_summary(result)
     print(f"results in {args.out}: " + ", ".join(sorted(p.name for p in paths.values())))
     return 0
