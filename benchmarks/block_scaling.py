@@ -374,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         help="what to measure; a phase left out keeps its numbers from --out",
     )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out (without --only/--phases, which merge into it)",
+    )
     args = parser.parse_args(argv)
 
     if args.case:
@@ -382,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes, batch = (QUICK_SIZES, QUICK_BATCH) if args.quick else (SINGLE_SIZES, BATCH)
     out = args.out or (QUICK_RESULT if args.quick else RESULT)
+    merging = bool(args.only) or set(args.phases) != {"time", "memory"}
+    if out.exists() and not merging and not args.overwrite:
+        # Before hours of measuring, not after: the committed results are not replaced by accident.
+        parser.error(f"{out} already exists; pass --overwrite to replace it")
     budget = int(args.memory_budget_gib * 2**30)
     plan = [(mode, n, 1) for mode in ("dense", "chunked") for n in sizes]
     plan += [(mode, batch[0] * batch[1], batch[0]) for mode in ("dense", "chunked")]
@@ -440,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     cases = [order[key] for key in sorted(order, key=lambda k: (k[2] > 1, k[0] != "dense", k[1]))]
     exponents = growth_exponents(cases)
     result = {"cases": cases, "exponents": exponents, "machine": machine, "config": "GGNDConfig() defaults"}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from ggnd_plugin.safe_io import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print_table(cases, exponents)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -254,6 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     args = p.parse_args(argv)
     if args.memory_worker:
         spec = json.loads(args.memory_worker)
@@ -270,6 +271,15 @@ def main(argv=None) -> int:
         return 0
     if len(args.models) != 2 or not args.frames:
         p.error("give two model files (baseline, then with GGND) and --frames")
+    if args.json:
+        from ggnd_plugin.errors import GGNDError
+        from ggnd_plugin.safe_io import check_output_file
+
+        inputs = [("model", m) for m in args.models] + [("--frames", args.frames)]
+        try:
+            check_output_file(args.json, what="--json", overwrite=args.overwrite, inputs=inputs)
+        except GGNDError as error:
+            p.error(str(error))
     record = measure_pair(
         args.host,
         args.models[0],
@@ -284,8 +294,9 @@ def main(argv=None) -> int:
     )
     print_table([record])
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2))
+        from ggnd_plugin.safe_io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(record, indent=2))
     return 0
 
 

@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ggnd_plugin.demo import _Stage  # noqa: E402  (the demo's stage cache)
+from ggnd_plugin.safe_io import atomic_path, atomic_write_text  # noqa: E402
 
 HOSTS = ("mace", "nequip", "schnetpack")
 HOST_LABEL = {"mace": "MACE", "nequip": "NequIP", "schnetpack": "PaiNN (SchNetPack)"}
@@ -214,6 +215,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--smoke", action="store_true", help="tiny CPU run: 24 frames, tiny models, 2 epochs, 0.02 ps"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --results if it exists (it is refused otherwise, unless it lies in the --out cache)",
+    )
     args = p.parse_args(argv)
     if args.ggnd_drop_interaction and set(args.hosts) != {"mace"}:
         p.error("--ggnd-drop-interaction is implemented for MACE only: run it with --hosts mace")
@@ -227,6 +233,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.out = ROOT / "build" / "paper_3bpa_smoke"
         if args.results == ROOT / "benchmarks" / "results" / "paper_3bpa.json":
             args.results = args.out / "paper_3bpa.json"
+    reports = args.stages == "all" or "report" in args.stages.split(",")
+    in_cache = args.results.resolve().is_relative_to(args.out.resolve())
+    if reports and args.results.exists() and not in_cache and not args.overwrite and not args.stability_model:
+        # Checked before the hours of fitting and MD, not when the results are written.
+        p.error(f"{args.results} already exists; pass --overwrite to replace it (or choose --results)")
     return args
 
 
@@ -270,20 +281,22 @@ def prepare_data(args) -> dict[str, Path]:
     if args.train_frames:
         frames = frames[: args.train_frames]
     n_valid = max(2, round(args.valid_fraction * len(frames)))
-    write(paths["valid"], frames[:n_valid])
-    write(paths["train"], frames[n_valid:])
+    parts = {"valid": frames[:n_valid], "train": frames[n_valid:]}
     for t in LABELLED_TESTS:
         test = read_labelled(args.data / f"test_{t}.xyz")
         if args.test_frames and args.test_frames < len(test):
             test = random.Random(args.seed + 1).sample(test, args.test_frames)
-        write(paths[f"test_{t}"], test)
+        parts[f"test_{t}"] = test
+    for name, part in parts.items():
+        with atomic_path(paths[name]) as tmp:
+            write(tmp, part, format="extxyz")
     e0s = {}
     for atoms in read(args.data / "iso_atoms.xyz", ":"):
         energy = atoms.info.get("energy")
         if energy is None:
             energy = atoms.get_potential_energy()
         e0s[int(atoms.numbers[0])] = float(energy)
-    paths["e0s"].write_text(json.dumps(e0s))
+    atomic_write_text(paths["e0s"], json.dumps(e0s))
     _say(f"data: {len(frames) - n_valid} train, {n_valid} valid frames; E0s {e0s}")
     return paths
 
@@ -735,8 +748,7 @@ def write_json(args, files, fits, metrics, stability, overhead) -> dict[str, Any
         "paper_table5_visnet_ratios": PAPER_OVERHEAD,
         "records": records,
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(payload, indent=2, default=str))
+    atomic_write_text(args.results, json.dumps(payload, indent=2, default=str))
     return payload
 
 
@@ -889,7 +901,7 @@ def main(argv=None) -> int:
     fits = {name: _Stage(args.out, f"fit-{name}").read() for name in files}
     payload = write_json(args, files, fits, metrics, stability, overhead)
     print_table(payload)
-    (args.out / "tables.md").write_text(markdown_tables(payload))
+    atomic_write_text(args.out / "tables.md", markdown_tables(payload))
     _say(
         f"results in {args.results}; markdown tables in {args.out / 'tables.md'}; plots in {args.out / 'stability'}"
     )

@@ -147,17 +147,20 @@ def measure(label, ts_model, calculator, start, reference, sizes, steps):
     return rows
 
 
-def main() -> None:
-    from ase.io import read
-    from mace.calculators import MACECalculator
-    from torch_sim.models.mace import MaceModel
-
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--steps", type=int, default=10, help="timed MD steps per measurement")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULT)
-    args = parser.parse_args()
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    if args.out.exists() and not args.overwrite:  # before the imports and the measuring
+        parser.error(f"{args.out} already exists; pass --overwrite to replace it")
+
+    from ase.io import read
+    from mace.calculators import MACECalculator
+    from torch_sim.models.mace import MaceModel
 
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float64)
@@ -237,8 +240,9 @@ def main() -> None:
         if overhead is not None
         else f"not measured: the MACE adapter is not ready ({why_not})",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    from ggnd_plugin.safe_io import atomic_write_text
+
+    atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
