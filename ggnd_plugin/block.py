@@ -507,6 +507,17 @@ def polynomial_envelope(x: Tensor, p: int) -> Tensor:
     return torch.where(x < 1.0, value, torch.zeros_like(x))
 
 
+def smooth_cutoff(x: Tensor, p: int) -> Tensor:
+    """:func:`polynomial_envelope` written as ``(1 - x)^3 sum_{k<p} C(k+2, 2) x^k``: the same polynomial,
+    but with its triple root at x = 1 explicit, so it keeps its relative precision there (the expanded
+    form cancels to an absolute error of ~1e-6 in float32, where the value itself is ~1e-7)."""
+    x = x.clamp(max=1.0)
+    total = torch.full_like(x, math.comb(p + 1, 2))  # Horner over C(k+2, 2), k = p-1 down to 0
+    for k in range(p - 2, -1, -1):
+        total = total * x + math.comb(k + 2, 2)
+    return (1.0 - x) ** 3 * total
+
+
 class RadialBasis(nn.Module):
     """Gaussians on [0, range], times the envelope when a pair radius is set.
 
@@ -809,6 +820,11 @@ class GGNDBlock(nn.Module):
         self.query = nn.Linear(num_invariants, heads * self.head_dim)
         self.key = nn.Linear(num_invariants, heads * self.head_dim, bias=False)
         self.attention_radial = nn.Linear(config.num_radial, heads)
+        # A learned preference for near partners, logit -= gamma_h r_ij with gamma_h = softplus(.) >= 0,
+        # starting between 1/4 and 1 per Å across heads: every pair is attended, but the attention (and
+        # the forces it carries) concentrates on a neighbourhood of fixed size however large the system.
+        decay = torch.logspace(math.log10(0.2), math.log10(0.6), heads) if heads > 1 else torch.tensor([0.35])
+        self.attention_decay = nn.Parameter(torch.log(torch.expm1(decay)))
         self.tensor_filter = config.tensor_filter
         if config.tensor_filter:
             paths = filter_paths(lmax)
@@ -907,6 +923,35 @@ class GGNDBlock(nn.Module):
         z = self._initial_state(host, species, layout, geometry)
         return from_channels(layout.atoms(z), self.lmax)
 
+    def attention(
+        self,
+        host_features: Mapping[str, Tensor] | Tensor,
+        positions: Tensor,
+        species: Tensor,
+        pairs: "SystemPairs | PairTable",
+        batch: Tensor | None = None,
+        cell: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The attention of the first stage, alpha_ij at Z(0), to see what the block attends to.
+
+        Returns ``(alpha, partners)``: ``alpha`` ``(n_atoms, heads, M)`` over each atom's ``M`` partner
+        slots (rows sum to one), and ``partners`` ``(n_atoms, M)`` the atom index of each slot (padding
+        slots have weight zero). Not for the ``mp`` variant, which has no attention.
+        """
+        if self.config.variant == "mp":
+            raise ValueError("the 'mp' variant has no attention")
+        host = self.spec.concatenate(host_features, positions.shape[0])
+        layout = self._layout(positions, pairs, batch, cell)
+        geometry = self._geometry(layout, 0, layout.num_rows)
+        invariants = self._invariants(self._initial_state(host, species, layout, geometry))
+        query = self.query(invariants).unflatten(-1, (self.heads, self.head_dim))
+        key = self.key(invariants).unflatten(-1, (self.heads, self.head_dim))
+        alpha = self._attention(geometry, query, layout.partners(key, 0, layout.num_rows))
+        if isinstance(layout, _SystemLayout):
+            partners = pairs.atoms[:, None, :].expand(-1, layout.num_rows, -1)
+            return layout.atoms(alpha.transpose(1, 2)), layout.atoms(partners)
+        return alpha[:, :, 0], pairs.senders
+
     # ---- the integration ---------------------------------------------------------------------------
     def _layout(self, positions, pairs, batch, cell):
         if isinstance(pairs, SystemPairs):
@@ -956,14 +1001,15 @@ class GGNDBlock(nn.Module):
         sh = spherical_harmonics(vectors / r[..., None], self.lmax)  # (B, R, M, C')
         rbf = self.radial(r)  # (B, R, M, K)
         present = present.to(r.dtype)
-        presence = present if self.pair_radius is None else present * self.radial.envelope(r)
-        if self.pair_radius is None:
-            local = present * polynomial_envelope(r / self.span, self.config.envelope_exponent)
-        else:
-            local = presence
+        exponent = self.config.envelope_exponent
+        presence = (
+            present if self.pair_radius is None else present * smooth_cutoff(r / self.pair_radius, exponent)
+        )
+        local = presence if self.pair_radius is not None else present * smooth_cutoff(r / self.span, exponent)
         attention_bias = filter_kernel = embedding_kernel = None
         if self.config.variant != "mp":
-            attention_bias = self.attention_radial(rbf).permute(0, 3, 1, 2)
+            decay = torch.nn.functional.softplus(self.attention_decay)
+            attention_bias = (self.attention_radial(rbf) - r[..., None] * decay).permute(0, 3, 1, 2)
         if self.radial_outputs:
             # (B, R, M, F + S, L+1) -> per component (B, R, M, F + S, C'), times the local envelope
             radial = self.pair_radial(rbf).unflatten(-1, (-1, self.lmax + 1)) @ self.degree_expand
@@ -1038,6 +1084,18 @@ class GGNDBlock(nn.Module):
             parts.append(torch.sqrt((zl * zl).sum(-1) + DISTANCE_EPS**2) - DISTANCE_EPS)
         return torch.cat(parts, dim=-1)
 
+    def _attention(self, geometry: _Geometry, query_rows: Tensor, key_partners: Tensor) -> Tensor:
+        """alpha_ij per head ``(B, H, R, M)``: softmax over j of q_i.k_j/sqrt(d) + b(r_ij), weighted by
+        the presence of the pair (the envelope at r_g), so rows sum to one and fade continuously."""
+        logits = torch.matmul(query_rows.transpose(1, 2), key_partners.permute(0, 2, 3, 1))
+        logits = logits * self.head_dim**-0.5 + geometry.attention_bias  # (B, H, R, M)
+        # The shift is the row maximum of logit + log(presence): the largest term of the weighted softmax
+        # is exactly 1, whatever the envelope (a pair at the edge of r_g cannot hold the maximum while
+        # every other term underflows).
+        shift = (logits.detach() + geometry.log_presence).amax(-1, keepdim=True)
+        weights = torch.exp((logits - shift).clamp(max=MAX_EXPONENT)) * geometry.presence
+        return weights / weights.sum(-1, keepdim=True)
+
     def _pair_sums(
         self,
         geometry: _Geometry,
@@ -1059,13 +1117,7 @@ class GGNDBlock(nn.Module):
         diffusion = query_rows is not None
         if diffusion:
             groups = self.heads
-            logits = torch.matmul(query_rows.transpose(1, 2), key_partners.permute(0, 2, 3, 1))
-            logits = logits * self.head_dim**-0.5 + geometry.attention_bias  # (B, H, R, M)
-            # The shift is the row maximum of logit + log(presence): the largest term of the weighted
-            # softmax is exactly 1, whatever the envelope (a pair at the edge of r_g cannot hold it).
-            shift = (logits.detach() + geometry.log_presence).amax(-1, keepdim=True)
-            weights = torch.exp((logits - shift).clamp(max=MAX_EXPONENT)) * geometry.presence
-            alpha = weights / weights.sum(-1, keepdim=True)
+            alpha = self._attention(geometry, query_rows, key_partners)
         else:  # mp: a smooth average over the partners, no attention
             groups = 1
             alpha = (geometry.local / geometry.count[..., None])[:, None]  # (B, 1, R, M)

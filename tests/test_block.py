@@ -1,4 +1,8 @@
-"""The GGND block against the properties of ggnd-spec section 1 (float64 throughout)."""
+"""The GGND block against the properties of ggnd-spec section 1 (float64 throughout).
+
+The properties hold for both numerics versions: version 2 (the default) everywhere, version 1 (files of
+ggnd-plugin 0.1.0) in the symmetry, force, batching and chunking tests.
+"""
 
 from __future__ import annotations
 
@@ -54,9 +58,13 @@ CONFIGS = [
 ]
 
 
+VERSIONS = [pytest.param(2, id="v2"), pytest.param(1, id="v1")]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("options", CONFIGS)
-def test_rotation_reflection_translation_permutation(options):
-    block = make_block(**options)
+def test_rotation_reflection_translation_permutation(options, version):
+    block = make_block(**options, version=version)
     positions, species = random_molecule(9, seed=1)
     e0, f0 = energy_and_forces(block, positions, species)
     scale = f0.abs().max()
@@ -82,9 +90,10 @@ def test_rotation_reflection_translation_permutation(options):
     assert abs(e - e0).max() < 1e-9 and (f - f0[perm]).abs().max() < 1e-9
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("options", [CONFIGS[0], CONFIGS[1], CONFIGS[6]])
-def test_forces_match_finite_differences(options):
-    block = make_block(**options)
+def test_forces_match_finite_differences(options, version):
+    block = make_block(**options, version=version)
     positions, species = random_molecule(6, seed=2)
     _, forces = energy_and_forces(block, positions, species)
     h = 1e-5
@@ -104,8 +113,9 @@ def test_forces_match_finite_differences(options):
     assert (forces - numeric).abs().max() < 1e-6 * max(1.0, forces.abs().max().item())
 
 
-def test_batch_of_systems_equals_each_alone():
-    block = make_block()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_batch_of_systems_equals_each_alone(version):
+    block = make_block(version=version)
     molecules = [random_molecule(n, seed=10 + n) for n in (5, 1, 8, 3)]
     positions = torch.cat([p for p, _ in molecules])
     species = torch.cat([s for _, s in molecules])
@@ -119,11 +129,12 @@ def test_batch_of_systems_equals_each_alone():
         start += len(p)
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("options", [{}, {"solver": "rk4", "lmax": 2}, {"r_g": 4.0}])
-def test_chunked_equals_dense(options):
+def test_chunked_equals_dense(options, version):
     positions, species = random_molecule(13, seed=3)
-    dense = make_block(**options)
-    chunked = make_block(**options, chunk_size=4)
+    dense = make_block(**options, version=version)
+    chunked = make_block(**options, chunk_size=4, version=version)
     chunked.load_state_dict(dense.state_dict())
     e_d, f_d = energy_and_forces(dense, positions, species, create_graph=True)
     e_c, f_c = energy_and_forces(chunked, positions, species, create_graph=True)
