@@ -13,6 +13,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from ggnd_plugin.registry import list_adapters
@@ -25,12 +26,13 @@ def run(args) -> int:
     for column in ("adapter", "host package", "version", "usable", "note"):
         table.add_column(column)
     for record in records:
+        # Escaped: rich reads "[mace]" in "pip install 'ggnd-plugin[mace]'" as a markup tag and drops it.
         table.add_row(
-            record["name"],
-            record["host"],
-            record["version"] or "-",
+            escape(record["name"]),
+            escape(record["host"]),
+            escape(record["version"] or "-"),
             "yes" if record["usable"] else "no",
-            "" if record["usable"] else record["reason"],
+            "" if record["usable"] else escape(record["reason"]),
         )
     Console().print(table)
     return 0
