@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 UV_VERSION := 0.13.9
 
-.PHONY: demo test lint bench env lock clean-env
+.PHONY: demo test lint bench env lock clean-env check-install
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/ggnd demo
@@ -18,6 +18,12 @@ test: $(VENV)/.installed
 	  echo "== $$file"; $(PY) -m pytest $$file || failed="$$failed $$file"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi; echo "all test files passed"
+
+# Every install route of the README (base, each extra, all hosts) from a wheel and sdist built from this
+# checkout, each in a fresh venv made with uv (.ci/check_install.py; --resolve fresh to resolve against
+# the registry instead of requirements.lock). Table on stdout, record in build/check-install.json.
+check-install: $(VENV)/.installed
+	$(PY) .ci/check_install.py $(CHECK_INSTALL_ARGS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check ggnd_plugin tests benchmarks examples
@@ -35,9 +41,11 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m uv pip install --python $(PY) --no-deps -e .
 	touch $@
 
-# Regenerate the lock after changing dependencies (see overrides.txt for why the override exists).
+# Regenerate the lock after changing dependencies. The e3nn override is the one `ggnd env overrides`
+# prints for users (all hosts in one environment); overrides.txt pins torch for the lock.
 lock:
-	$(PYTHON) -m uv pip compile pyproject.toml --all-extras --override overrides.txt \
+	$(PYTHON) -m uv pip compile pyproject.toml --all-extras \
+	  --override ggnd_plugin/configs/all_hosts_overrides.txt --override overrides.txt \
 	  --python-version 3.12 --no-emit-index-url --no-annotate --no-header -o requirements.lock
 
 clean-env:
