@@ -739,6 +739,7 @@ class _Geometry:
 
     presence: Tensor  # (B, 1, R, M): the attention weight of a pair (envelope at r_g, 0 for padding)
     log_presence: Tensor  # (B, 1, R, M): its logarithm, detached (-inf for absent pairs)
+    enveloped: bool  # presence is an envelope (r_g); otherwise 0 or 1 and already in attention_bias
     local: Tensor  # (B, R, M): presence times the envelope at the embedding's range
     count: Tensor  # (B, R): smooth partner count, sum_j local_ij (>= 1: the self pair)
     attention_bias: Tensor | None  # (B, H, R, M)
@@ -887,6 +888,12 @@ class GGNDBlock(nn.Module):
         cell: Tensor | None = None,
     ) -> Tensor:
         """Per-atom energy contribution (n_atoms,). ``cell`` (n_systems, 3, 3) needs ``batch``."""
+        compiled = self.__dict__.get("_compiled_energy")
+        if compiled is not None and not self.training:
+            return compiled(host_features, positions, species, pairs, batch, cell)
+        return self._energy(host_features, positions, species, pairs, batch, cell)
+
+    def _energy(self, host_features, positions, species, pairs, batch, cell) -> Tensor:
         host = self.spec.concatenate(host_features, positions.shape[0])
         layout, z = self._diffuse(host, positions, species, pairs, batch, cell)
         scalars = layout.atoms(z[..., 0])  # z_i,00(T): (n_atoms, C)
@@ -894,6 +901,16 @@ class GGNDBlock(nn.Module):
         if self.has_host_invariants:
             energy = energy + self.readout_host(host[:, self.host_invariant_columns]).squeeze(-1)
         return energy
+
+    def compile_energy(self, dynamic: bool = True, **options) -> None:
+        """Use a ``torch.compile``d forward in eval mode (see :mod:`ggnd_plugin.block_compile`)."""
+        self._compiled_energy = torch.compile(self._energy, dynamic=dynamic, **options)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A compiled forward is bound to this object and cannot be pickled: copies compile their own.
+        state = dict(self.__dict__)
+        state.pop("_compiled_energy", None)
+        return state
 
     def diffuse(
         self,
@@ -1010,6 +1027,8 @@ class GGNDBlock(nn.Module):
         if self.config.variant != "mp":
             decay = torch.nn.functional.softplus(self.attention_decay)
             attention_bias = (self.attention_radial(rbf) - r[..., None] * decay).permute(0, 3, 1, 2)
+            if self.pair_radius is None:  # presence is 0 or 1: absent pairs get logit -inf
+                attention_bias = attention_bias + torch.log(present)[:, None]
         if self.radial_outputs:
             # (B, R, M, F + S, L+1) -> per component (B, R, M, F + S, C'), times the local envelope
             radial = self.pair_radial(rbf).unflatten(-1, (-1, self.lmax + 1)) @ self.degree_expand
@@ -1021,6 +1040,7 @@ class GGNDBlock(nn.Module):
         return _Geometry(
             presence=presence[:, None],
             log_presence=torch.log(presence.detach())[:, None],
+            enveloped=self.pair_radius is not None,
             local=local,
             count=local.sum(-1),
             attention_bias=attention_bias,
@@ -1087,10 +1107,14 @@ class GGNDBlock(nn.Module):
     def _attention(self, geometry: _Geometry, query_rows: Tensor, key_partners: Tensor) -> Tensor:
         """alpha_ij per head ``(B, H, R, M)``: softmax over j of q_i.k_j/sqrt(d) + b(r_ij), weighted by
         the presence of the pair (the envelope at r_g), so rows sum to one and fade continuously."""
-        logits = torch.matmul(query_rows.transpose(1, 2), key_partners.permute(0, 2, 3, 1))
-        logits = logits * self.head_dim**-0.5 + geometry.attention_bias  # (B, H, R, M)
-        # The shift is the row maximum of logit + log(presence): the largest term of the weighted softmax
-        # is exactly 1, whatever the envelope (a pair at the edge of r_g cannot hold the maximum while
+        query = query_rows.transpose(1, 2) * self.head_dim**-0.5
+        logits = (
+            torch.matmul(query, key_partners.permute(0, 2, 3, 1)) + geometry.attention_bias
+        )  # (B, H, R, M)
+        if not geometry.enveloped:
+            return torch.softmax(logits, dim=-1)
+        # Weighted by the envelope: the shift is the row maximum of logit + log(presence), so the largest
+        # term is exactly 1, whatever the envelope (a pair at the edge of r_g cannot hold the maximum while
         # every other term underflows).
         shift = (logits.detach() + geometry.log_presence).amax(-1, keepdim=True)
         weights = torch.exp((logits - shift).clamp(max=MAX_EXPONENT)) * geometry.presence
