@@ -102,7 +102,7 @@ class Result:
     route: str
     ok: bool = True
     install_s: float = 0.0
-    venv_mb: float = 0.0
+    venv_mib: float = 0.0
     version_s: float | None = None
     help_s: float | None = None
     versions: dict = field(default_factory=dict)
@@ -187,7 +187,7 @@ def check_wheel(wheel: Path) -> None:
         raise StepFailed(f"{wheel.name} lacks {missing}")
 
 
-def venv_megabytes(path: Path) -> float:
+def venv_mebibytes(path: Path) -> float:
     # du counts every file of the venv once: what the venv costs on a disk without uv's hard links.
     output = subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True).stdout
     return int(output.split()[0]) / 1024
@@ -412,7 +412,7 @@ def print_table(results: list[Result]) -> None:
         version = f"{r.version_s:.2f} s" if r.version_s is not None else "-"
         help_time = f"{r.help_s:.2f} s" if r.help_s is not None else "-"
         print(
-            f"{r.route:11s} {'ok' if r.ok else 'FAILED':6s} {r.install_s:6.1f} s {r.venv_mb / 1024:6.2f} GB "
+            f"{r.route:11s} {'ok' if r.ok else 'FAILED':6s} {r.install_s:6.1f} s {r.venv_mib / 1024:5.2f} GiB "
             f"{version:>9s} {help_time:>7s}  {r.versions.get('torch')} / {r.versions.get('e3nn')}"
         )
     for r in results:
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             result.failed.append(f"install: {error}")
         result.install_s = time.perf_counter() - started
         if venv.exists():
-            result.venv_mb = venv_megabytes(venv)
+            result.venv_mib = venv_mebibytes(venv)
             result.versions = installed_versions(venv, uv, env, route_log)
         if result.ok:
             check_route(route, venv, folder, env, route_log, result)
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         "resolve": args.resolve,
         "python": sys.version.split()[0],
         "routes": [
-            {**vars(r), "install_s": round(r.install_s, 1), "venv_mb": round(r.venv_mb)} for r in results
+            {**vars(r), "install_s": round(r.install_s, 1), "venv_mib": round(r.venv_mib)} for r in results
         ],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
