@@ -44,7 +44,7 @@ HOSTS = ("mace", "nequip", "schnetpack")
 # Model file the probe writes per host (install_probe.TINY_MODELS), relative to the route's folder.
 TINY_MODEL_FILES = {"mace": "tiny.model", "nequip": "tiny.nequip.zip", "schnetpack": "best_model"}
 UPGRADED_FILES = {"mace": "upgraded.model", "nequip": "upgraded.nequip.zip", "schnetpack": "upgraded_model"}
-TINY_GGND = "channels: 8\nheads: 2\nsteps: 2\n"
+TINY_GGND = "version: 2\nchannels: 8\nheads: 2\nsteps: 2\n"
 RECORDED_DISTRIBUTIONS = (
     "torch",
     "e3nn",
