@@ -38,9 +38,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-from e3nn import o3
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from ggnd_plugin.e3nn_compat import o3
 
 __all__ = [
     "CURRENT_VERSION",
@@ -936,7 +937,7 @@ class GGNDBlock(nn.Module):
     ) -> Tensor:
         """Z(0) as a flat e3nn tensor ``(n_atoms, D)``."""
         layout = self._layout(positions, pairs, batch, cell)
-        geometry = self._geometry(layout, 0, layout.num_rows) if self._whole() else None
+        geometry = self._geometry(layout, 0, layout.num_rows) if self._whole(layout) else None
         z = self._initial_state(host, species, layout, geometry)
         return from_channels(layout.atoms(z), self.lmax)
 
@@ -980,8 +981,9 @@ class GGNDBlock(nn.Module):
             cell_per_atom = cell.reshape(-1, 3, 3)[batch]
         return _RowLayout(pairs, positions, cell_per_atom)
 
-    def _whole(self) -> bool:
-        return self.config.chunk_size is None
+    def _whole(self, layout) -> bool:
+        """All rows at once (geometry computed once per call), unless chunking would split them."""
+        return self.config.chunk_size is None or self.config.chunk_size >= layout.num_rows
 
     def _diffuse(self, host, positions, species, pairs, batch, cell):
         if not _tracing() and self.uses_embedding and positions.shape[0]:
@@ -993,7 +995,7 @@ class GGNDBlock(nn.Module):
         layout = self._layout(positions, pairs, batch, cell)
         # The geometry of all pairs is computed once and reused by every stage; chunked evaluation
         # instead recomputes each block's geometry where it is needed (memory linear in N).
-        geometry = self._geometry(layout, 0, layout.num_rows) if self._whole() else None
+        geometry = self._geometry(layout, 0, layout.num_rows) if self._whole(layout) else None
         z = self._initial_state(host, species, layout, geometry)
         if self.config.variant == "mp":
             return layout, z + self._rhs(z, layout, geometry)

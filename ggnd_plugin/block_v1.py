@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from e3nn import o3
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -41,6 +40,7 @@ from ggnd_plugin.block import (
     split_degrees,
     state_irreps,
 )
+from ggnd_plugin.e3nn_compat import o3
 
 __all__ = ["LegacyGGNDBlock", "TensorFilter"]
 
