@@ -10,8 +10,13 @@ depend on the values). Positions are molecule-like blobs: a jittered simple-cubi
 2.1 Å (about 0.11 atoms/Å^3, the density of organic molecules including hydrogens; nearest neighbours
 >= 1.5 Å), keeping the N sites nearest the centre, with three species at random.
 
-Cases: one system of N = 27, 100, 300, 1000, 3000 atoms and a batch of 64 x 27 atoms, each dense
-(``chunk_size=None``) and chunked (``chunk_size=64``).
+Cases: one system of N = 27, 100, 300, 1000, 3000 atoms and batches of 16 x 27 and 64 x 27 atoms,
+each dense (``chunk_size=None``) and chunked (``chunk_size=64``).
+
+Versions: every case is measured for GGND numerics version 1 (ggnd-plugin 0.1.0, the block of files
+trained with it) and version 2 (the current default) side by side: both blocks in the same timing
+subprocess on the same inputs, their repeats interleaved, so the speed-up ``v1 / v2`` of a case is
+measured under the same conditions. Memory is read per version, each in its own fresh subprocess.
 
 Time: after one warm-up evaluation, ``--repeats`` evaluations are timed (``time.perf_counter``) and the
 median is reported, together with the minimum and maximum; for a case whose warm-up took more than 30 s
@@ -80,9 +85,10 @@ LATTICE_SPACING = 2.1  # Å
 LATTICE_JITTER = 0.3  # Å, uniform in each coordinate
 CHUNK_SIZE = 64
 SINGLE_SIZES = (27, 100, 300, 1000, 3000)
-BATCH = (64, 27)
+BATCHES = ((16, 27), (64, 27))
 QUICK_SIZES = (27, 100)
-QUICK_BATCH = (8, 27)
+QUICK_BATCHES = ((8, 27),)
+VERSIONS = (1, 2)
 TAIL_FROM = 300  # N from which the large-N exponent is fitted
 LONG_CASE_SECONDS = 30.0
 PINNED_MMAP_THRESHOLD = 128 * 1024  # bytes; glibc's initial value
@@ -123,13 +129,16 @@ def address_space_bytes() -> int | None:
 
 
 def run_case(case: dict) -> dict:
-    """Measure one case in this process (call it in a fresh subprocess)."""
+    """Measure one case in this process (call it in a fresh subprocess).
+
+    Timing: every version in ``case["versions"]`` on the same inputs, repeats interleaved. Memory:
+    the one version ``case["version"]``, first evaluation only.
+    """
     import torch
 
     from ggnd_plugin.block import FeatureSpec, GGNDBlock, GGNDConfig, system_energy
 
     torch.set_num_threads(case["threads"])
-    torch.manual_seed(0)
     generator = torch.Generator().manual_seed(case["n_atoms"] * 1000 + case["n_systems"])
     n_systems, n_per = case["n_systems"], case["n_atoms"] // case["n_systems"]
     positions = torch.cat([molecule_blob(n_per, generator) for _ in range(n_systems)])
@@ -138,12 +147,17 @@ def run_case(case: dict) -> dict:
     species = torch.randint(0, NUM_SPECIES, (n_atoms,), generator=generator)
     spec = FeatureSpec({"node_feats": HOST_IRREPS}, num_species=NUM_SPECIES)
     host = torch.randn(n_atoms, spec.irreps.dim, generator=generator)
-    block = GGNDBlock(spec, GGNDConfig(chunk_size=case["chunk_size"])).float()
-    with torch.no_grad():
-        block.readout_state.weight.normal_(generator=generator)
-        block.readout_host.weight.normal_(std=0.1, generator=generator)
+    versions = case["versions"] if case.get("phase") == "time" else [case["version"]]
+    blocks = {}
+    for version in versions:
+        torch.manual_seed(0)
+        block = GGNDBlock(spec, GGNDConfig(chunk_size=case["chunk_size"], version=version)).float()
+        with torch.no_grad():
+            block.readout_state.weight.normal_(generator=generator)
+            block.readout_host.weight.normal_(std=0.1, generator=generator)
+        blocks[version] = block
 
-    def energy_and_forces():
+    def energy_and_forces(block):
         x = positions.clone().requires_grad_(True)
         pairs = block.pairs(x, batch)
         energy = system_energy(block(host, x, species, pairs, batch=batch), batch, n_systems)
@@ -154,67 +168,84 @@ def run_case(case: dict) -> dict:
     space = address_space_bytes()
     if budget is not None and space:
         resource.setrlimit(resource.RLIMIT_AS, (space + budget, resource.RLIM_INFINITY))
-    # The padded table (int64 senders + bool mask, width = largest system) is computed, not built, here:
-    # building it during setup would raise the baseline high-water mark and hide part of the peak.
-    record = {"pair_count": n_systems * n_per * n_per, "pair_table_bytes": n_atoms * n_per * 9}
-    try:
-        if case.get("phase") == "memory":
-            # The environment fixed glibc's mmap threshold before the first allocation (see docstring).
-            # The first evaluation: after a warm-up, blocks below the threshold that the warm-up freed
-            # would be reused from the heap without raising the mark (a 64 x 27 batch then reads 0).
+    record = {"pair_count": n_systems * n_per * n_per}
+    if case.get("phase") in ("memory", "rss"):
+        # memory: the environment fixed glibc's mmap threshold before the first allocation (see the
+        # docstring) and the first evaluation is measured: after a warm-up, blocks below the threshold
+        # that the warm-up freed would be reused from the heap without raising the mark. rss: glibc as
+        # users run it, over a warm-up and two more evaluations (an MD run repeats them).
+        block = blocks[case["version"]]
+        try:
             baseline = max_rss_bytes()
-            energy, forces = energy_and_forces()
+            start = time.perf_counter()
+            energy, forces = energy_and_forces(block)
+            if case["phase"] == "rss" and time.perf_counter() - start < LONG_CASE_SECONDS:
+                for _ in range(2):
+                    energy, forces = energy_and_forces(block)
             peak = max_rss_bytes() - baseline
-            if not (torch.isfinite(energy).all() and torch.isfinite(forces).all()):
-                raise SystemExit("non-finite energy or forces")
-            return {"peak_bytes": peak, "peak_bytes_method": "working set (MALLOC_MMAP_THRESHOLD_=131072)"}
-        baseline = max_rss_bytes()
-        start = time.perf_counter()
-        energy, forces = energy_and_forces()  # warm-up
-        warm_up = time.perf_counter() - start
-        if warm_up < LONG_CASE_SECONDS:
-            times = []
-            for _ in range(case["repeats"]):
-                start = time.perf_counter()
-                energy, forces = energy_and_forces()
-                times.append(time.perf_counter() - start)
-        else:
-            # Minutes long: first-call costs are negligible, and a repeat would not beat the noise of
-            # the shared machine, so the warm-up is the timing.
-            times = [warm_up]
-        default_peak = max_rss_bytes() - baseline
-    except (RuntimeError, MemoryError) as error:
-        message = str(error).splitlines()[0][:200]
-        return {**record, "skipped": f"allocation failed under the address-space cap: {message}"}
-    if not (torch.isfinite(energy).all() and torch.isfinite(forces).all()):
-        raise SystemExit("non-finite energy or forces")
-    return {
-        **record,
-        "seconds": statistics.median(times),
-        "repeats": len(times) if warm_up < LONG_CASE_SECONDS else 0,
-        "warm_up_seconds": warm_up,
-        "seconds_min": min(times),
-        "seconds_max": max(times),
-        "rss_peak_default_allocator_bytes": default_peak,
-        "setup_rss_bytes": baseline,
-        "force_rms": float(forces.pow(2).mean().sqrt()),
-    }
+        except (RuntimeError, MemoryError) as error:
+            message = str(error).splitlines()[0][:200]
+            return {"skipped": f"allocation failed under the address-space cap: {message}"}
+        if not (torch.isfinite(energy).all() and torch.isfinite(forces).all()):
+            raise SystemExit("non-finite energy or forces")
+        if case["phase"] == "rss":
+            return {DEFAULT_RSS: peak}
+        return {"peak_bytes": peak, "peak_bytes_method": "working set (MALLOC_MMAP_THRESHOLD_=131072)"}
+    results: dict[str, dict] = {}
+    warm_up: dict[int, float] = {}
+    times: dict[int, list[float]] = {}
+    outputs = {}
+    baseline = max_rss_bytes()
+    for version, block in blocks.items():
+        try:
+            start = time.perf_counter()
+            outputs[version] = energy_and_forces(block)
+            warm_up[version] = time.perf_counter() - start
+            times[version] = [warm_up[version]] if warm_up[version] >= LONG_CASE_SECONDS else []
+        except (RuntimeError, MemoryError) as error:
+            message = str(error).splitlines()[0][:200]
+            results[str(version)] = {"skipped": f"allocation failed under the address-space cap: {message}"}
+    # Interleaved repeats: both versions see the same state of the shared machine. A version whose
+    # warm-up took minutes is timed by its warm-up (first-call costs are negligible there).
+    repeating = [v for v in times if warm_up[v] < LONG_CASE_SECONDS]
+    for _ in range(case["repeats"]):
+        for version in repeating:
+            start = time.perf_counter()
+            outputs[version] = energy_and_forces(blocks[version])
+            times[version].append(time.perf_counter() - start)
+    for version in times:
+        energy, forces = outputs[version]
+        if not (torch.isfinite(energy).all() and torch.isfinite(forces).all()):
+            raise SystemExit(f"version {version}: non-finite energy or forces")
+        results[str(version)] = {
+            "seconds": statistics.median(times[version]),
+            "repeats": len(times[version]) if version in repeating else 0,
+            "warm_up_seconds": warm_up[version],
+            "seconds_min": min(times[version]),
+            "seconds_max": max(times[version]),
+            "force_rms": float(forces.pow(2).mean().sqrt()),
+        }
+    return {**record, "versions": results, "setup_rss_bytes": baseline}
 
 
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
-def predicted_peak(case: dict, measured: list[dict]) -> float | None:
-    """Working set of the next case, from the largest measured case of the same mode scaled by pairs.
+def predicted_peak(case: dict, version: int, measured: list[dict]) -> float | None:
+    """Working set of the next case, from the largest measured case of the same mode and version.
 
-    Exact for dense and an upper bound for chunked. The resident memory under glibc's default allocator
-    can exceed it (README); the address-space cap in the subprocess catches that case.
+    Scaled by the number of pairs: exact for dense, an upper bound for chunked. The resident memory under
+    glibc's default allocator can exceed it (README); the address-space cap in the subprocess catches that.
     """
-    same = [r for r in measured if r["mode"] == case["mode"] and r.get("peak_bytes")]
+    same = [
+        r
+        for r in measured
+        if r["mode"] == case["mode"] and r["versions"].get(str(version), {}).get("peak_bytes")
+    ]
     if not same:
         return None
     ref = max(same, key=lambda r: r["pair_count"])
-    return ref["peak_bytes"] * case["pair_count"] / ref["pair_count"]
+    return ref["versions"][str(version)]["peak_bytes"] * case["pair_count"] / ref["pair_count"]
 
 
 def available_memory_bytes() -> int | None:
@@ -231,6 +262,7 @@ def available_memory_bytes() -> int | None:
 def run_in_subprocess(case: dict, timeout: float) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)]
     env = {**os.environ, "OMP_NUM_THREADS": str(case["threads"]), "MKL_NUM_THREADS": str(case["threads"])}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # rss and time: glibc's defaults, as users run it
     if case.get("phase") == "memory":
         env["MALLOC_MMAP_THRESHOLD_"] = str(PINNED_MMAP_THRESHOLD)
     try:
@@ -253,21 +285,33 @@ def fit_slope(points: list[tuple[float, float]]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in points) / sxx
 
 
-def growth_exponents(cases: list[dict]) -> dict:
-    out = {}
-    for mode in ("dense", "chunked"):
-        single = [r for r in cases if r["mode"] == mode and r["n_systems"] == 1 and r.get("seconds")]
-        tail = [r for r in single if r["n_atoms"] >= TAIL_FROM]
-        out[mode] = {
-            "n_atoms": [r["n_atoms"] for r in single],
-            "time": fit_slope([(r["n_atoms"], r["seconds"]) for r in single]),
-            "memory": fit_slope([(r["n_atoms"], r["peak_bytes"]) for r in single]),
-            "tail_n_atoms": [r["n_atoms"] for r in tail],
-            "time_tail": fit_slope([(r["n_atoms"], r["seconds"]) for r in tail]),
-            "memory_tail": fit_slope([(r["n_atoms"], r["peak_bytes"]) for r in tail]),
-            "memory_default_allocator": fit_slope([(r["n_atoms"], r[DEFAULT_RSS]) for r in single]),
-            "memory_default_allocator_tail": fit_slope([(r["n_atoms"], r[DEFAULT_RSS]) for r in tail]),
-        }
+def growth_exponents(cases: list[dict], versions) -> dict:
+    """Least-squares slopes of log(y) against log(N) per version and mode, single systems."""
+    out: dict[str, dict] = {}
+    for version in versions:
+        key = str(version)
+        out[key] = {}
+        for mode in ("dense", "chunked"):
+            single = [
+                (r["n_atoms"], r["versions"][key])
+                for r in cases
+                if r["mode"] == mode and r["n_systems"] == 1 and r["versions"].get(key, {}).get("seconds")
+            ]
+            tail = [(n, v) for n, v in single if n >= TAIL_FROM]
+
+            def slope(points, field):
+                return fit_slope([(n, v.get(field)) for n, v in points if v.get(field)])
+
+            out[key][mode] = {
+                "n_atoms": [n for n, _ in single],
+                "time": slope(single, "seconds"),
+                "memory": slope(single, "peak_bytes"),
+                "memory_default_allocator": slope(single, DEFAULT_RSS),
+                "tail_n_atoms": [n for n, _ in tail],
+                "time_tail": slope(tail, "seconds"),
+                "memory_tail": slope(tail, "peak_bytes"),
+                "memory_default_allocator_tail": slope(tail, DEFAULT_RSS),
+            }
     return out
 
 
@@ -294,46 +338,63 @@ def print_table(cases: list[dict], exponents: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="GGND block: energy + forces (float32, CPU); peak = working set, RSS = default glibc")
-    columns = ("mode", "systems x atoms", "pairs", "median s", "min-max s", "peak MiB", "RSS MiB", "note")
+    def mib(value):
+        return "-" if value is None else f"{value / 2**20:.0f}"
+
+    def seconds(value):
+        return "-" if value is None else f"{value:.4g}"
+
+    table = Table(
+        title="GGND block, energy + forces (float32, CPU): version 1 (0.1.0) vs version 2, one run; "
+        "peak = working set, RSS = default glibc"
+    )
+    columns = (
+        "mode",
+        "systems x atoms",
+        "v1 s",
+        "v2 s",
+        "speed-up",
+        "v1/v2 peak MiB",
+        "v1/v2 RSS MiB",
+        "note",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column in ("mode", "note") else "right")
     for r in cases:
         per = r["n_atoms"] // r["n_systems"]
-        seconds = r.get("seconds")
-        peak = r.get("peak_bytes")
+        one, two = r["versions"].get("1", {}), r["versions"].get("2", {})
+        speedup = r.get("speedup")
         table.add_row(
             r["mode"] + ("" if r["chunk_size"] is None else f" ({r['chunk_size']})"),
             f"{r['n_systems']} x {per}",
-            f"{r['pair_count']:,}",
-            "-" if seconds is None else f"{seconds:.4g}",
-            "-" if seconds is None else f"{r['seconds_min']:.3g}-{r['seconds_max']:.3g}",
-            "-" if peak is None else f"{peak / 2**20:.1f}",
-            "-" if r.get(DEFAULT_RSS) is None else f"{r[DEFAULT_RSS] / 2**20:.1f}",
-            r.get("skipped", ""),
+            seconds(one.get("seconds")),
+            seconds(two.get("seconds")),
+            "-" if speedup is None else f"{speedup:.1f}x",
+            f"{mib(one.get('peak_bytes'))} / {mib(two.get('peak_bytes'))}",
+            f"{mib(one.get(DEFAULT_RSS))} / {mib(two.get(DEFAULT_RSS))}",
+            "; ".join(f"v{k}: {v['skipped']}" for k, v in r["versions"].items() if "skipped" in v)[:60],
         )
-    console = Console(width=160)
+    console = Console(width=170)
     console.print(table)
-    exp = Table(title="growth exponents d log(y) / d log(N), single systems")
-    columns = ("mode", "N", "time", "memory", "RSS", "N (tail)", "time (tail)", "memory (tail)", "RSS (tail)")
-    for column in columns:
+    exp = Table(title="growth exponents d log(y) / d log(N), single systems (tail: N >= 300)")
+    for column in ("version", "mode", "time", "memory", "RSS", "time (tail)", "memory (tail)", "RSS (tail)"):
         exp.add_column(column, justify="right")
 
     def fmt(value):
         return "-" if value is None else f"{value:.2f}"
 
-    for mode, e in exponents.items():
-        exp.add_row(
-            mode,
-            ",".join(map(str, e["n_atoms"])),
-            fmt(e["time"]),
-            fmt(e["memory"]),
-            fmt(e["memory_default_allocator"]),
-            ",".join(map(str, e["tail_n_atoms"])),
-            fmt(e["time_tail"]),
-            fmt(e["memory_tail"]),
-            fmt(e["memory_default_allocator_tail"]),
-        )
+    for version, modes in exponents.items():
+        for mode, e in modes.items():
+            exp.add_row(
+                version,
+                mode,
+                fmt(e["time"]),
+                fmt(e["memory"]),
+                fmt(e["memory_default_allocator"]),
+                fmt(e["time_tail"]),
+                fmt(e["memory_tail"]),
+                fmt(e["memory_default_allocator_tail"]),
+            )
     console.print(exp)
 
 
@@ -356,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per case")
     parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
+    parser.add_argument("--versions", type=int, nargs="+", default=list(VERSIONS), choices=VERSIONS)
     parser.add_argument(
         "--memory-budget-gib", type=float, default=14.0, help="skip cases predicted to need more"
     )
@@ -366,18 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MODE:N[:SYSTEMS]",
         help="run only these cases (e.g. dense:1000 chunked:1728:64) and merge them into --out",
     )
-    parser.add_argument(
-        "--phases",
-        nargs="+",
-        choices=("time", "memory"),
-        default=["time", "memory"],
-        help="what to measure; a phase left out keeps its numbers from --out",
-    )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace --out (without --only/--phases, which merge into it)",
+        "--overwrite", action="store_true", help="replace --out (without --only, which merges into it)"
     )
     args = parser.parse_args(argv)
 
@@ -385,21 +438,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_case(json.loads(args.case))))
         return 0
 
-    sizes, batch = (QUICK_SIZES, QUICK_BATCH) if args.quick else (SINGLE_SIZES, BATCH)
+    sizes, batches = (QUICK_SIZES, QUICK_BATCHES) if args.quick else (SINGLE_SIZES, BATCHES)
     out = args.out or (QUICK_RESULT if args.quick else RESULT)
-    merging = bool(args.only) or set(args.phases) != {"time", "memory"}
-    if out.exists() and not merging and not args.overwrite:
+    if out.exists() and not args.only and not args.overwrite:
         # Before hours of measuring, not after: the committed results are not replaced by accident.
         parser.error(f"{out} already exists; pass --overwrite to replace it")
     budget = int(args.memory_budget_gib * 2**30)
     plan = [(mode, n, 1) for mode in ("dense", "chunked") for n in sizes]
-    plan += [(mode, batch[0] * batch[1], batch[0]) for mode in ("dense", "chunked")]
+    plan += [(mode, s * n, s) for mode in ("dense", "chunked") for s, n in batches]
     machine = machine_info(args.threads)
     cases: list[dict] = []
-    previous: dict[tuple, dict] = {}
-    if (args.only or set(args.phases) != {"time", "memory"}) and out.exists():
-        previous = {_key(r): r for r in json.loads(out.read_text())["cases"]}
     if args.only:
+        previous = {_key(r): r for r in json.loads(out.read_text())["cases"]} if out.exists() else {}
         wanted = {_parse_only(text) for text in args.only}
         cases = [previous[key] for key in previous if key not in wanted]
         plan = [item for item in plan if item in wanted] + sorted(wanted - set(plan))
@@ -414,41 +464,56 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "pair_count": n_systems * per * per,
         }
+        record = {**case, "versions": {}}
         available = available_memory_bytes()
         case_budget = budget if available is None else min(budget, available - SAFETY_MARGIN)
         case["memory_budget_bytes"] = max(case_budget, 2**28)
-        estimate = predicted_peak(case, cases)
-        record = {k: case[k] for k in ("mode", "n_atoms", "n_systems", "chunk_size", "repeats", "threads")}
-        record.update(pair_count=case["pair_count"], predicted_peak_bytes=estimate)
-        if estimate is not None and estimate > case_budget:
-            record.update(
-                seconds=None,
-                peak_bytes=None,
-                skipped=(
-                    f"predicted peak {estimate / 2**30:.1f} GiB exceeds the {case_budget / 2**30:.1f} GiB "
-                    f"budget (--memory-budget-gib {args.memory_budget_gib:g}, capped at the available "
-                    "memory minus 4 GiB: the machine is shared)"
-                ),
+        runnable = []
+        for version in args.versions:
+            estimate = predicted_peak(case, version, cases)
+            if estimate is not None and estimate > case_budget:
+                record["versions"][str(version)] = {
+                    "predicted_peak_bytes": estimate,
+                    "skipped": (
+                        f"predicted peak {estimate / 2**30:.1f} GiB exceeds the {case_budget / 2**30:.1f} "
+                        f"GiB budget (--memory-budget-gib {args.memory_budget_gib:g}, capped at the "
+                        "available memory minus 4 GiB: the machine is shared)"
+                    ),
+                }
+            else:
+                runnable.append(version)
+        if runnable:
+            print(
+                f"{mode:8s} {n_systems} x {per} atoms, versions {runnable} ...", file=sys.stderr, flush=True
             )
-        else:
-            print(f"{mode:8s} {n_systems} x {per} atoms ...", file=sys.stderr, flush=True)
-            before = previous.get((mode, n_atoms, n_systems), {})
-            if "time" in args.phases:
-                record.update(run_in_subprocess({**case, "phase": "time"}, args.timeout))
-            else:  # keep the timing measured earlier
-                record.update({k: v for k, v in before.items() if k not in record and "peak_bytes" not in k})
-                record.pop("skipped", None)
-            if "memory" in args.phases and "skipped" not in record:
-                record.update(run_in_subprocess({**case, "phase": "memory"}, args.timeout))
-            elif "memory" not in args.phases:
-                record.update({k: before[k] for k in ("peak_bytes", "peak_bytes_method") if k in before})
-            record.setdefault("seconds", None)
-            record.setdefault("peak_bytes", None)
+            timing = run_in_subprocess({**case, "phase": "time", "versions": runnable}, args.timeout)
+            if "skipped" in timing:
+                for version in runnable:
+                    record["versions"][str(version)] = {"skipped": timing["skipped"]}
+            else:
+                record["versions"].update(timing["versions"])
+            for version in runnable:
+                measured = record["versions"][str(version)]
+                if "skipped" in measured:
+                    continue
+                for phase in ("memory", "rss"):
+                    result = run_in_subprocess({**case, "phase": phase, "version": version}, args.timeout)
+                    if "skipped" in result:
+                        measured.setdefault("notes", []).append(f"{phase}: {result.pop('skipped')}")
+                    measured.update(result)
+        one, two = record["versions"].get("1", {}), record["versions"].get("2", {})
+        if one.get("seconds") and two.get("seconds"):
+            record["speedup"] = one["seconds"] / two["seconds"]
         cases.append(record)
     order = {_key(r): r for r in cases}
-    cases = [order[key] for key in sorted(order, key=lambda k: (k[2] > 1, k[0] != "dense", k[1]))]
-    exponents = growth_exponents(cases)
-    result = {"cases": cases, "exponents": exponents, "machine": machine, "config": "GGNDConfig() defaults"}
+    cases = [order[key] for key in sorted(order, key=lambda k: (k[2] > 1, k[0] != "dense", k[1], k[2]))]
+    exponents = growth_exponents(cases, args.versions)
+    result = {
+        "cases": cases,
+        "exponents": exponents,
+        "machine": machine,
+        "config": "GGNDConfig() defaults (16 channels, lmax 1, 4 heads, 3 Euler steps) per version",
+    }
     from ggnd_plugin.safe_io import atomic_write_text
 
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")

@@ -90,14 +90,28 @@ def train_step_seconds(adapters, models, batch, device: str, repeats: int) -> li
     return [statistics.median(t) for t in times]
 
 
-def md_step_seconds(adapters, models, start, reference, device: str, dtype: str, replicas: int, steps: int):
-    """Seconds per batched MD step (all replicas) per model, from the difference of two run lengths."""
+def md_step_seconds(
+    adapters, models, start, reference, device: str, dtype: str, replicas: int, steps: int, compiled=None
+):
+    """Seconds per batched MD step (all replicas) per model, from the difference of two run lengths.
+
+    ``compiled[k]`` True: model k's GGND blocks run compiled (``compile_blocks`` on the TorchSim model;
+    compilation happens in the warm-up run, before either measured run).
+    """
     import torch
 
+    from ggnd_plugin.block_compile import compile_blocks
     from ggnd_plugin.md.stability import StabilityProtocol, run_stability
 
     torch_dtype = getattr(torch, dtype)
     ts_models = [a.torchsim_model(m, device, torch_dtype) for a, m in zip(adapters, models, strict=True)]
+    for ts_model, flag in zip(ts_models, compiled or [False] * len(ts_models), strict=True):
+        if flag:
+            compile_blocks(ts_model)
+
+    # CPU seconds of this process on the CPU (the runs are single-threaded: other jobs on a shared machine
+    # do not count), wall seconds on a GPU.
+    clock = time.perf_counter if str(device).startswith("cuda") else time.process_time
 
     def run(ts_model, n_steps):
         protocol = StabilityProtocol(
@@ -108,11 +122,13 @@ def md_step_seconds(adapters, models, start, reference, device: str, dtype: str,
             seed=1,
         )
         _sync(device)
-        began = time.perf_counter()
+        began = clock()
         run_stability({"m": ts_model}, start, reference, protocol, progress=False)
         _sync(device)
-        return time.perf_counter() - began
+        return clock() - began
 
+    for ts in ts_models:  # first calls (lazy set-up, compilation) stay out of both measured runs
+        run(ts, 2)
     short = [run(ts, 2) for ts in ts_models]
     long = [run(ts, 2 + steps) for ts in ts_models]
     return [(b - a) / steps for a, b in zip(short, long, strict=True)]
@@ -237,6 +253,185 @@ def measure_pair(
     return record
 
 
+# --------------------------------------------------------------------------------------------------
+# Version 1 against version 2: the MD-step overhead of the default block on small 3BPA hosts
+# --------------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_FRAMES = ROOT / "ggnd_plugin" / "default_data" / "3bpa" / "3bpa_300K_train.xyz"
+HOSTS = ("mace", "nequip", "schnetpack")
+ELEMENTS = (1, 6, 7, 8)
+
+
+def small_host_model(host: str):
+    """A random host model of the size the adapters' ``fit(size="small")`` trains (float64, 3BPA's H/C/N/O).
+
+    The weights do not change the cost of a step, so the benchmark needs no training.
+    """
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    if host == "mace":
+        from e3nn import o3
+        from mace import modules
+        from mace.tools import torch_tools
+
+        from ggnd_plugin.adapters.mace_train import SIZES
+
+        size = SIZES["small"]
+        interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+        with torch_tools.default_dtype(torch.float64):
+            return modules.ScaleShiftMACE(
+                r_max=size["r_max"],
+                num_bessel=8,
+                num_polynomial_cutoff=5,
+                max_ell=3,
+                interaction_cls=interaction,
+                interaction_cls_first=interaction,
+                num_interactions=size["num_interactions"],
+                num_elements=len(ELEMENTS),
+                hidden_irreps=o3.Irreps(size["hidden_irreps"]),
+                MLP_irreps=o3.Irreps(size["MLP_irreps"]),
+                atomic_energies=np.array([-13.6, -1029.5, -1485.0, -2042.0]),
+                avg_num_neighbors=10.0,
+                atomic_numbers=list(ELEMENTS),
+                correlation=size["correlation"],
+                gate=torch.nn.functional.silu,
+                atomic_inter_scale=0.5,
+                atomic_inter_shift=0.0,
+            ).eval()
+    if host == "nequip":
+        from nequip.model import NequIPGNNModel
+        from nequip.utils.global_state import set_global_state
+
+        from ggnd_plugin.adapters.nequip import SIZES
+
+        set_global_state()
+        size = SIZES["small"]
+        return NequIPGNNModel(
+            seed=0,
+            model_dtype="float64",
+            type_names=["C", "H", "N", "O"],
+            r_max=size["cutoff_radius"],
+            parity=False,
+            avg_num_neighbors=10.0,
+            per_type_energy_shifts={"C": -1030.0, "H": -13.6, "N": -1485.0, "O": -2040.0},
+            per_type_energy_scales=0.5,
+            **size["model"],
+        ).eval()
+    import schnetpack as spk
+
+    from ggnd_plugin.adapters.schnetpack import SIZES, SchNetPackAdapter
+
+    size = SIZES["small"]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # SchNetPack's GaussianRBF builds torch.FloatTensor
+    try:
+        model = spk.model.NeuralNetworkPotential(
+            representation=spk.representation.PaiNN(
+                n_atom_basis=size["n_atom_basis"],
+                n_interactions=size["n_interactions"],
+                radial_basis=spk.nn.GaussianRBF(n_rbf=20, cutoff=5.0),
+                cutoff_fn=spk.nn.CosineCutoff(5.0),
+            ),
+            input_modules=[spk.atomistic.PairwiseDistances()],
+            output_modules=[
+                spk.atomistic.Atomwise(
+                    n_in=size["n_atom_basis"], output_key="energy", aggregation_mode="sum"
+                ),
+                spk.atomistic.Forces(energy_key="energy", force_key="forces"),
+            ],
+            postprocessors=[
+                spk.transform.CastTo64(),
+                spk.transform.AddOffsets("energy", add_mean=True, property_mean=torch.tensor([-654.0])),
+            ],
+        )
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to(torch.float64)
+    SchNetPackAdapter.set_elements(model, list(ELEMENTS))
+    SchNetPackAdapter.set_units(model, "eV", "Ang")
+    return model.eval()
+
+
+def md_overhead_by_version(
+    host: str,
+    replicas: int,
+    *,
+    frames: Path = PACKAGE_FRAMES,
+    steps: int = 20,
+    rounds: int = 3,
+    compiled: bool = False,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """MD step of the host alone, with a version-1 and with a version-2 default block (and, with
+    ``compiled``, the version-2 block compiled): medians over ``rounds`` interleaved measurements."""
+    import torch
+
+    from ggnd_plugin.block import GGNDConfig
+    from ggnd_plugin.data import read_labelled
+    from ggnd_plugin.registry import get
+
+    adapter = get(host)
+    base = small_host_model(host)
+    models = {"host": base}
+    for version in (1, 2):
+        torch.manual_seed(1)
+        upgraded = adapter.attach(base, GGNDConfig(version=version))
+        for block in adapter.ggnd_blocks(upgraded):  # a trained-looking readout; the cost is the same
+            with torch.no_grad():
+                block.readout_state.weight.normal_(std=0.01)
+        models[f"v{version}"] = upgraded
+    names = list(models)
+    flags = [False] * len(names)
+    if compiled:
+        names.append("v2 compiled")
+        models["v2 compiled"] = models["v2"]
+        flags.append(True)
+    structures = read_labelled(Path(frames))
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        seconds = md_step_seconds(
+            [adapter] * len(names),
+            [models[name] for name in names],
+            structures[:replicas],
+            structures,
+            device,
+            "float64",
+            replicas,
+            steps,
+            compiled=flags,
+        )
+        for name, value in zip(names, seconds, strict=True):
+            samples[name].append(value)
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    return {
+        "host": host,
+        "replicas": replicas,
+        "dtype": "float64",
+        "md_steps": steps,
+        "rounds": rounds,
+        "md_step_s": median,
+        "md_step_s_all": samples,
+        "ratio_to_host": {name: median[name] / median["host"] for name in names if name != "host"},
+        "block": "GGNDConfig(version=1) and GGNDConfig() (version 2): 16 channels, lmax 1, 4 heads, 3 steps",
+    }
+
+
+def print_version_table(records: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = [name for name in records[0]["md_step_s"] if name != "host"]
+    table = Table(title="MD step (float64, CPU), host + GGND / host: version 1 vs version 2, side by side")
+    for column in ("host", "replicas", "host ms", *[f"{name} ms (ratio)" for name in names]):
+        table.add_column(column, justify="right")
+    for r in records:
+        cells = [f"{r['md_step_s'][n] * 1e3:.1f} (x{r['ratio_to_host'][n]:.2f})" for n in names]
+        table.add_row(r["host"], str(r["replicas"]), f"{r['md_step_s']['host'] * 1e3:.1f}", *cells)
+    Console(width=160).print(table)
+
+
 def _ratio(pair: list[int]) -> float | None:
     return pair[1] / pair[0] if pair[0] > 0 else None
 
@@ -254,6 +449,16 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--by-version",
+        action="store_true",
+        help="MD-step overhead of the version-1 and version-2 default blocks on small random hosts "
+        "(--hosts, --replicas-list), on the package's 3BPA frames; no model files needed",
+    )
+    p.add_argument("--hosts", nargs="+", default=list(HOSTS), choices=HOSTS)
+    p.add_argument("--replicas-list", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved measurements per model (median)")
+    p.add_argument("--compiled", action="store_true", help="also the version-2 block compiled")
     p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     args = p.parse_args(argv)
     if args.memory_worker:
@@ -269,6 +474,8 @@ def main(argv=None) -> int:
         )
         print(json.dumps({"peak_bytes": peak}))
         return 0
+    if args.by_version:
+        return _main_by_version(args, p)
     if len(args.models) != 2 or not args.frames:
         p.error("give two model files (baseline, then with GGND) and --frames")
     if args.json:
@@ -297,6 +504,47 @@ def main(argv=None) -> int:
         from ggnd_plugin.safe_io import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(record, indent=2))
+    return 0
+
+
+def _main_by_version(args, parser) -> int:
+    import platform
+
+    import torch
+
+    from ggnd_plugin.safe_io import atomic_write_text, check_output_file
+
+    if args.json:
+        try:
+            check_output_file(args.json, what="--json", overwrite=args.overwrite, inputs=[])
+        except Exception as error:
+            parser.error(str(error))
+    torch.set_num_threads(1)
+    records = []
+    for host in args.hosts:
+        for replicas in args.replicas_list:
+            print(f"{host}: {replicas} replicas ...", file=sys.stderr, flush=True)
+            records.append(
+                md_overhead_by_version(
+                    host, replicas, steps=args.md_steps, rounds=args.rounds, compiled=args.compiled
+                )
+            )
+            print_version_table(records[-1:])
+    print_version_table(records)
+    if args.json:
+        result = {
+            "records": records,
+            "machine": {
+                "platform": platform.platform(),
+                "cpu_count": os.cpu_count(),
+                "torch": torch.__version__,
+                "torch_threads": 1,
+                "load_average_at_end": os.getloadavg(),
+            },
+            "method": "ggnd_plugin.md.run_stability, NVE 1 fs, 300 K, float64; seconds per step from the "
+            "difference of a 2-step and a (2 + md_steps)-step run; models interleaved; median of rounds",
+        }
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 
