@@ -40,7 +40,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ggnd_plugin.errors import CorruptFileError, GGNDError, OutputExistsError, OutputLockedError
+from ggnd_plugin.errors import CorruptFileError, OutputExistsError, OutputLockedError
 
 TMP_PREFIX = ".ggnd-tmp-"
 DIR_LOCK_NAME = ".ggnd.lock"
@@ -461,7 +461,6 @@ def read_json_state(path: str | Path, what: str = "checkpoint") -> Any:
 
 
 __all__ = [
-    "GGNDError",
     "atomic_path",
     "atomic_torch_save",
     "atomic_torch_saves",

@@ -10,6 +10,7 @@ and the test checks they still fail fast and with one line.
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -317,7 +318,8 @@ def test_a_bad_value_stops_with_one_line_naming_it(paths, capsys, command, optio
 def test_table_size(request):
     """How many bad inputs the table feeds to how many commands (the README quotes this)."""
     commands = {command for command, *_ in ROWS}
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"argument table: {len(commands)} commands x {len(ROWS)} bad inputs")
+    options = {(command, option) for command, option, *_ in ROWS}
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else nullcontext():
+        print(f"\nargument table: {len(commands)} commands, {len(options)} options, {len(ROWS)} bad inputs")
     assert len(ROWS) >= 100 and len(commands) >= 7

@@ -627,3 +627,48 @@ def test_block_input_checks_are_skipped_under_tracing():
     assert torch.isnan(traced(bad)[0, 0])  # no check was recorded into the trace
     with pytest.raises(GGNDError):
         check(bad)
+
+
+@pytest.mark.parametrize("command", ["stability", "data generate", "demo"])
+def test_a_second_run_into_a_folder_in_use_stops_with_one_line(command, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    if command == "stability":
+        monkeypatch.syspath_prepend(str(Path(__file__).parent))
+        import fault_driver
+
+        from ggnd_plugin import registry
+
+        monkeypatch.setattr(registry, "resolve", lambda host, path: fault_driver.MorseAdapter())
+        from ggnd_plugin.md.metrics import reference_bonds
+
+        model = tmp_path / "bonded.pt"
+        torch.save(
+            dict(zip(("pairs", "lengths"), reference_bonds(read_structures(DATA, ":20")), strict=True)), model
+        )
+        argv = ["stability", str(model), "--start", str(DATA), "--reference", str(DATA), "--time-ps", "0.01"]
+    elif command == "data generate":
+        pytest.importorskip("tblite.ase")
+        pytest.importorskip("rdkit")
+        argv = [
+            "data",
+            "generate",
+            "--smiles",
+            "CO",
+            "--temperature",
+            "300",
+            "--frames",
+            "1",
+            "--no-progress",
+        ]
+    else:
+        pytest.importorskip("mace")
+        argv = ["demo", "--quick"]
+    holder = _holder(out, "dir")
+    try:
+        assert main([*argv, "--out", str(out)]) == 2
+        err = _one_error_line(capsys)
+        assert f"pid {holder.pid}" in err and "in use by another run" in err
+        assert [p.name for p in out.iterdir()] == [safe_io.DIR_LOCK_NAME]  # nothing was written
+    finally:
+        holder.kill()
+        holder.wait()
