@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ggnd_plugin.e3nn_compat import o3
+from ggnd_plugin.validation import validate_block_inputs
 
 __all__ = [
     "CURRENT_VERSION",
@@ -73,6 +74,9 @@ DISTANCE_EPS = 1e-3
 MAX_EXPONENT = 80.0
 # Learned radial functions per degree in the embedding phi_E (mixed per channel).
 EMBEDDING_RADIAL = 4
+# State widths C (lmax+1)^2 up to which the gradient's channel mixing is one dense product per stage
+# (cheaper in calls than a product per component; beyond, the wasted multiplications cost more).
+DENSE_MIXING_LIMIT = 256
 
 
 class GGNDVersionWarning(UserWarning):
@@ -513,10 +517,9 @@ def smooth_cutoff(x: Tensor, p: int) -> Tensor:
     but with its triple root at x = 1 explicit, so it keeps its relative precision there (the expanded
     form cancels to an absolute error of ~1e-6 in float32, where the value itself is ~1e-7)."""
     x = x.clamp(max=1.0)
-    total = torch.full_like(x, math.comb(p + 1, 2))  # Horner over C(k+2, 2), k = p-1 down to 0
-    for k in range(p - 2, -1, -1):
-        total = total * x + math.comb(k + 2, 2)
-    return (1.0 - x) ** 3 * total
+    powers = x[..., None] ** torch.arange(p, dtype=x.dtype, device=x.device)  # one op, not a Horner loop
+    coefficients = torch.tensor([math.comb(k + 2, 2) for k in range(p)], dtype=x.dtype, device=x.device)
+    return (1.0 - x) ** 3 * (powers @ coefficients)
 
 
 class RadialBasis(nn.Module):
@@ -748,6 +751,16 @@ class _Geometry:
     embedding_kernel: Tensor | None  # (B, R * S * C', M): local * rho_s,l(f)(r) * Y_f(x)
 
 
+@dataclass
+class _StageOperators:
+    """The per-row linear maps of a right-hand side, assembled once per call and used by every stage."""
+
+    mixing: Tensor | None  # W of the gradient: (D, D) acting on flattened (C, C') rows, or (C', C, C)
+    projection: Tensor  # query (pre-scaled), key and filter-gate weights stacked: (outputs, invariants)
+    projection_bias: Tensor
+    sizes: list[int]  # widths of query, key, gate in the projection's output
+
+
 # --------------------------------------------------------------------------------------------------
 # The block
 # --------------------------------------------------------------------------------------------------
@@ -801,6 +814,10 @@ class GGNDBlock(nn.Module):
             config.num_radial, config.radial_range, config.pair_radius, config.envelope_exponent
         )
         self.register_buffer("component_degree", torch.tensor(degree_of_component(lmax)), persistent=False)
+        # degree_sum[a, l - 1] = 1 where component a has degree l >= 1: per-degree norms by one product
+        degree_sum = torch.tensor(degree_of_component(lmax))[:, None] == torch.arange(1, lmax + 1)[None, :]
+        self.register_buffer("degree_sum", degree_sum.to(torch.get_default_dtype()), persistent=False)
+        self.register_buffer("component_eye", torch.eye(self.components), persistent=False)
         num_invariants = c * (lmax + 1)
         hidden = max(16, c)
 
@@ -936,6 +953,7 @@ class GGNDBlock(nn.Module):
         cell: Tensor | None = None,
     ) -> Tensor:
         """Z(0) as a flat e3nn tensor ``(n_atoms, D)``."""
+        self._check_inputs(host, positions, species, batch)
         layout = self._layout(positions, pairs, batch, cell)
         geometry = self._geometry(layout, 0, layout.num_rows) if self._whole(layout) else None
         z = self._initial_state(host, species, layout, geometry)
@@ -959,10 +977,11 @@ class GGNDBlock(nn.Module):
         if self.config.variant == "mp":
             raise ValueError("the 'mp' variant has no attention")
         host = self.spec.concatenate(host_features, positions.shape[0])
+        self._check_inputs(host, positions, species, batch)
         layout = self._layout(positions, pairs, batch, cell)
         geometry = self._geometry(layout, 0, layout.num_rows)
         invariants = self._invariants(self._initial_state(host, species, layout, geometry))
-        query = self.query(invariants).unflatten(-1, (self.heads, self.head_dim))
+        query = self.query(invariants).unflatten(-1, (self.heads, self.head_dim)) * self.head_dim**-0.5
         key = self.key(invariants).unflatten(-1, (self.heads, self.head_dim))
         alpha = self._attention(geometry, query, layout.partners(key, 0, layout.num_rows))
         if isinstance(layout, _SystemLayout):
@@ -971,6 +990,18 @@ class GGNDBlock(nn.Module):
         return alpha[:, :, 0], pairs.senders
 
     # ---- the integration ---------------------------------------------------------------------------
+    def _check_inputs(self, host, positions, species, batch) -> None:
+        """The library's shared checks (empty input, non-finite positions or host features, species out
+        of range, shapes), with the command line's messages; skipped under tracing and compilation."""
+        validate_block_inputs(
+            positions,
+            species,
+            batch,
+            num_species=self.spec.num_species if self.uses_embedding else None,
+            host=host,
+            enabled=not _tracing(),
+        )
+
     def _layout(self, positions, pairs, batch, cell):
         if isinstance(pairs, SystemPairs):
             return _SystemLayout(pairs, positions)
@@ -986,28 +1017,24 @@ class GGNDBlock(nn.Module):
         return self.config.chunk_size is None or self.config.chunk_size >= layout.num_rows
 
     def _diffuse(self, host, positions, species, pairs, batch, cell):
-        if not _tracing() and self.uses_embedding and positions.shape[0]:
-            if species.min() < 0 or species.max() >= self.spec.num_species:
-                raise ValueError(
-                    f"species indices must lie in 0..{self.spec.num_species - 1}, "
-                    f"got {int(species.min())}..{int(species.max())}"
-                )
+        self._check_inputs(host, positions, species, batch)
         layout = self._layout(positions, pairs, batch, cell)
         # The geometry of all pairs is computed once and reused by every stage; chunked evaluation
         # instead recomputes each block's geometry where it is needed (memory linear in N).
         geometry = self._geometry(layout, 0, layout.num_rows) if self._whole(layout) else None
         z = self._initial_state(host, species, layout, geometry)
+        ops = self._operators()
         if self.config.variant == "mp":
-            return layout, z + self._rhs(z, layout, geometry)
+            return layout, z + self._rhs(z, layout, geometry, ops)
         tau = self.config.step_size
         for _ in range(self.config.steps):
             if self.config.solver == "euler":
-                z = z + tau * self._rhs(z, layout, geometry)
+                z = z + tau * self._rhs(z, layout, geometry, ops)
             else:
-                k1 = self._rhs(z, layout, geometry)
-                k2 = self._rhs(z + 0.5 * tau * k1, layout, geometry)
-                k3 = self._rhs(z + 0.5 * tau * k2, layout, geometry)
-                k4 = self._rhs(z + tau * k3, layout, geometry)
+                k1 = self._rhs(z, layout, geometry, ops)
+                k2 = self._rhs(z + 0.5 * tau * k1, layout, geometry, ops)
+                k3 = self._rhs(z + 0.5 * tau * k2, layout, geometry, ops)
+                k4 = self._rhs(z + tau * k3, layout, geometry, ops)
                 z = z + tau / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
         return layout, z
 
@@ -1073,46 +1100,73 @@ class GGNDBlock(nn.Module):
         return pair / geometry.count[..., None, None]
 
     # ---- dZ/dt -------------------------------------------------------------------------------------
-    def _rhs(self, z: Tensor, layout, geometry) -> Tensor:
+    def _operators(self) -> _StageOperators:
+        mixing = None
+        if self.gradient_mixing is not None:
+            per_component = self.gradient_mixing[self.component_degree] * self.channels**-0.5  # (C', C, C)
+            if self.state_dim <= DENSE_MIXING_LIMIT:
+                # W[(c, a), (d, b)] = W_l(a)[c, d] delta_ab: one product per stage on flattened rows
+                mixing = torch.einsum("acd,ab->cadb", per_component, self.component_eye)
+                mixing = mixing.reshape(self.state_dim, self.state_dim)
+            else:
+                mixing = per_component
+        weights, biases, sizes = [], [], []
+        if self.config.variant != "mp":
+            scale = self.head_dim**-0.5  # the attention's 1/sqrt(d), folded into the query
+            weights += [self.query.weight * scale, self.key.weight]
+            biases += [self.query.bias * scale, self.key.weight.new_zeros(self.key.weight.shape[0])]
+            sizes += [self.query.weight.shape[0], self.key.weight.shape[0]]
+        if self.tensor_filter:
+            weights.append(self.filter_gate.weight)
+            biases.append(self.filter_gate.bias)
+            sizes.append(self.filter_gate.weight.shape[0])
+        if not weights:  # mp without the filter: nothing to project
+            empty = self.readout_state.weight.new_zeros(0, self.channels * (self.lmax + 1))
+            return _StageOperators(mixing, empty, empty.new_zeros(0), [])
+        return _StageOperators(mixing, torch.cat(weights), torch.cat(biases), sizes)
+
+    def _rhs(self, z: Tensor, layout, geometry, ops: _StageOperators) -> Tensor:
         """dZ/dt for every row (or the message of the ``mp`` variant): (B, R, C, C')."""
-        heads = self.heads
-        mixed = self._mix(z)
+        heads, c = self.heads, self.channels
+        mixed = self._mix(z, ops)
         invariants = self._invariants(z)
-        if self.config.variant == "mp":
-            query = key = None
-        else:
-            query = self.query(invariants).unflatten(-1, (heads, self.head_dim))
-            key = self.key(invariants).unflatten(-1, (heads, self.head_dim))
+        parts = list(
+            torch.nn.functional.linear(invariants, ops.projection, ops.projection_bias).split(ops.sizes, -1)
+        )
+        query = key = None
+        if self.config.variant != "mp":
+            query = parts.pop(0).unflatten(-1, (heads, self.head_dim))
+            key = parts.pop(0).unflatten(-1, (heads, self.head_dim))
         rate, filtered = self._over_rows(layout, geometry, self._pair_sums, mixed, query, key)
         if self.tensor_filter:
             # filtered[b, r, c, f * C' + a] = sum_j abar_ij R_l(f) Y_f (W z)_j,c,a [- row sum (W z)_i,c,a]
-            gates = torch.tanh(self.filter_gate(invariants)).unflatten(-1, (self.num_paths, self.channels))
+            gates = torch.tanh(parts.pop(0)).unflatten(-1, (self.num_paths, c))
             outputs = filtered @ self.filter_coupling  # (B, R, C, P_out)
             gated = outputs * (gates.transpose(-1, -2) @ self.filter_expand)
             rate = rate + gated @ self.filter_collect
         return rate
 
-    def _mix(self, z: Tensor) -> Tensor:
-        if self.gradient_mixing is None:
+    def _mix(self, z: Tensor, ops: _StageOperators) -> Tensor:
+        if ops.mixing is None:
             return z
-        weight = self.gradient_mixing[self.component_degree] * self.channels**-0.5  # (C', C, C)
-        return torch.einsum("brca,acd->brda", z, weight)
+        if ops.mixing.dim() == 2:
+            return (z.flatten(-2) @ ops.mixing).unflatten(-1, (self.channels, self.components))
+        return torch.einsum("brca,acd->brda", z, ops.mixing)
 
     def _invariants(self, z: Tensor) -> Tensor:
-        """Per channel: the scalars and the norms of the degree >= 1 parts (smooth at zero)."""
-        parts = [z[..., 0]]
-        for l in range(1, self.lmax + 1):
-            zl = z[..., l * l : (l + 1) * (l + 1)]
-            parts.append(torch.sqrt((zl * zl).sum(-1) + DISTANCE_EPS**2) - DISTANCE_EPS)
-        return torch.cat(parts, dim=-1)
+        """Per channel: the scalars, then the norms of the degree >= 1 parts (smooth at zero), degree-major."""
+        if self.lmax == 0:
+            return z[..., 0]
+        squares = (z * z) @ self.degree_sum  # (B, R, C, L)
+        norms = torch.sqrt(squares + DISTANCE_EPS**2) - DISTANCE_EPS
+        return torch.cat([z[..., 0], norms.transpose(-1, -2).flatten(-2)], dim=-1)
 
     def _attention(self, geometry: _Geometry, query_rows: Tensor, key_partners: Tensor) -> Tensor:
         """alpha_ij per head ``(B, H, R, M)``: softmax over j of q_i.k_j/sqrt(d) + b(r_ij), weighted by
         the presence of the pair (the envelope at r_g), so rows sum to one and fade continuously."""
-        query = query_rows.transpose(1, 2) * self.head_dim**-0.5
-        logits = (
-            torch.matmul(query, key_partners.permute(0, 2, 3, 1)) + geometry.attention_bias
-        )  # (B, H, R, M)
+        # The query arrives scaled by 1/sqrt(d) (folded into its weights by _operators).
+        logits = torch.matmul(query_rows.transpose(1, 2), key_partners.permute(0, 2, 3, 1))
+        logits = logits + geometry.attention_bias  # (B, H, R, M)
         if not geometry.enveloped:
             return torch.softmax(logits, dim=-1)
         # Weighted by the envelope: the shift is the row maximum of logit + log(presence), so the largest

@@ -375,3 +375,27 @@ def test_forward_exports_with_dynamic_atom_and_partner_counts():
     )
     other = inputs(11, seed=2)  # a size the export never saw
     assert torch.allclose(exported.module()(*other), BlockOnTables(block)(*other), atol=1e-12, rtol=0)
+
+
+def test_bad_inputs_are_refused_with_the_command_line_messages():
+    """The block uses the package's shared checks (ggnd_plugin.validation), so a library user sees the
+    same one-line problems as `ggnd` prints, before any pair is computed."""
+    from ggnd_plugin.errors import GGNDError
+
+    block = make_block()
+    positions, species = random_molecule(5, seed=8)
+    batch = torch.zeros(5, dtype=torch.long)
+    host = toy_host_features(positions, species, batch)
+    pairs = block.pairs(positions, batch)
+    broken = positions.clone()
+    broken[3, 1] = float("nan")
+    with pytest.raises(GGNDError, match="positions are not finite \\(first at atom 3\\)"):
+        block(host, broken, species, pairs, batch=batch)
+    with pytest.raises(GGNDError, match="species indices must lie in 0..2, got 0..7"):
+        block(host, positions, torch.tensor([0, 1, 7, 2, 0]), pairs, batch=batch)
+    bad_host = host.clone()
+    bad_host[0, 0] = float("inf")
+    with pytest.raises(GGNDError, match="host features are not finite"):
+        block(bad_host, positions, species, pairs, batch=batch)
+    with pytest.raises(ValueError, match="holds no atoms"):  # GGNDError is a ValueError
+        block.pairs(positions[:0], batch[:0])
