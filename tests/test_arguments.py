@@ -20,8 +20,8 @@ from ggnd_plugin.cli import build_parser, main
 
 THIRDPARTY = Path(__file__).parent / "thirdparty"
 DATA = Path(__file__).resolve().parents[1] / "ggnd_plugin" / "default_data" / "3bpa" / "3bpa_300K_train.xyz"
-# Commands whose parser another module owns and that still print argparse's usage block.
-USAGE_BLOCK_COMMANDS = {"config"}
+# Commands that still print argparse's usage block (none: every command reports one line).
+USAGE_BLOCK_COMMANDS: set[str] = set()
 
 
 def _actions(parser: argparse.ArgumentParser, path=()):

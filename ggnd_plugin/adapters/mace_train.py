@@ -49,7 +49,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ggnd_plugin.block import GGNDConfig
+from ggnd_plugin.block import CURRENT_VERSION, GGNDConfig
 from ggnd_plugin.errors import GGNDError
 
 PREFIX = "ggnd_"
@@ -160,7 +160,9 @@ def split_ggnd_arguments(args: argparse.Namespace) -> tuple[argparse.Namespace, 
         except ValueError as error:
             raise GGNDError(str(error)) from error
     try:
-        config = GGNDConfig.from_dict({**base, **explicit})
+        # Options from the command line describe a new model: the current numerics unless --ggnd_version
+        # says otherwise (a --ggnd_config file without a version is version 1, see GGNDConfig).
+        config = GGNDConfig.from_dict({"version": CURRENT_VERSION, **base, **explicit})
     except ValueError as error:
         raise GGNDError(str(error)) from error
     return args, config, lr_factor

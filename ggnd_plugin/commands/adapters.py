@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+from ggnd_plugin import validation as v
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("adapters", help="list host adapters (entry points) and their status")
+    v.one_line_errors(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(handler=run)
 

@@ -7,6 +7,8 @@ import sys
 import textwrap
 from importlib import resources
 
+from ggnd_plugin import validation as v
+
 # name on the command line -> (file in ggnd_plugin/configs, what it is)
 STARTER_CONFIGS = {
     "mace": ("mace_train.yaml", "ggnd-mace-train --config FILE (MACE + GGND from scratch)"),
@@ -39,6 +41,7 @@ def register(subparsers) -> None:
         + listing,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    v.one_line_errors(parser)
     parser.add_argument("host", choices=sorted(STARTER_CONFIGS), help="which config to print")
     parser.set_defaults(handler=run)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from importlib import resources
 
+from ggnd_plugin import validation as v
+
 OVERRIDES_FILE = "all_hosts_overrides.txt"
 
 
@@ -24,11 +26,13 @@ def register(subparsers) -> None:
         "into one environment: ggnd env overrides > ggnd-overrides.txt; "
         "uv pip install 'ggnd-plugin[all]' --override ggnd-overrides.txt",
     )
+    v.one_line_errors(parser)
     env_commands = parser.add_subparsers(dest="env_command", metavar="SUBCOMMAND")
     parser.set_defaults(handler=lambda args: parser.print_help() or 1)
     overrides = env_commands.add_parser(
         "overrides", help="print the override file for installing all hosts into one environment"
     )
+    v.one_line_errors(overrides)
     overrides.set_defaults(handler=run_overrides)
 
 
