@@ -122,13 +122,16 @@ class HostAdapter(ABC):
         seed: int = 0,
         size: str = "small",
         device: str = "cpu",
+        patience: int | None = None,
     ) -> nn.Module:
         """Train a model from scratch through the host's own training command (optional).
 
         ``config=None`` trains the plain host model; with a config, the same architecture with a GGND
         block. ``size`` is ``"tiny"`` (tests, quick demo) or ``"small"`` (the demo). ``device`` is
-        ``"cpu"`` or ``"cuda"`` (the host trainer's accelerator). Used by ``ggnd demo`` and
-        ``benchmarks/paper_3bpa.py``.
+        ``"cpu"`` or ``"cuda"`` (the host trainer's accelerator). ``patience``: train until the
+        validation loss has not improved for this many epochs (at most ``epochs``), with the learning
+        rate halved after ``max(2, patience // 3)`` epochs without improvement; None trains ``epochs``
+        epochs with the host's defaults. Used by ``ggnd demo`` and ``benchmarks/paper_3bpa.py``.
         """
         raise GGNDError(f"the {self.name} adapter cannot train models from scratch")
 

@@ -527,6 +527,7 @@ class MACEAdapter(HostAdapter):
         seed: int = 0,
         size: str = "small",
         device: str = "cpu",
+        patience: int | None = None,
     ) -> nn.Module:
         """Train through ``ggnd-mace-train`` (``mace_run_train`` plus GGND) in a subprocess.
 
@@ -537,7 +538,9 @@ class MACEAdapter(HostAdapter):
         from ggnd_plugin.host_fit import fit_work_dir
 
         self.require()
-        command, model_path = fit_command(train, valid, work_dir, config, epochs, seed, size, device)
+        command, model_path = fit_command(
+            train, valid, work_dir, config, epochs, seed, size, device, patience=patience
+        )
         outputs = fit_outputs(model_path.stem)
         with fit_work_dir(work_dir, "mace", outputs, [train, valid], legacy_marks=[FIT_LOG]):
             run_fit(command, Path(work_dir), epochs, label=Path(work_dir).name)

@@ -388,8 +388,13 @@ def fit_command(
     seed: int,
     size: str,
     device: str = "cpu",
+    patience: int | None = None,
 ) -> tuple[list[str], Path]:
-    """The ggnd-mace-train command line that :meth:`MACEAdapter.fit` runs, and the model it writes."""
+    """The ggnd-mace-train command line that :meth:`MACEAdapter.fit` runs, and the model it writes.
+
+    ``patience``: MACE's early stopping (``--patience``) on the validation loss, with its plateau
+    scheduler halving the learning rate after ``max(2, patience // 3)`` epochs without improvement.
+    """
     if size not in SIZES:
         raise GGNDError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
     work_dir = Path(work_dir)
@@ -418,6 +423,8 @@ def fit_command(
         "error_table": "PerAtomRMSE",
         **SIZES[size],
     }
+    if patience is not None:
+        options.update(patience=patience, scheduler_patience=max(2, patience // 3), lr_factor=0.5)
     command = [sys.executable, "-m", "ggnd_plugin.adapters.mace_train"]
     for key, value in options.items():
         command += [f"--{key}", str(value)]

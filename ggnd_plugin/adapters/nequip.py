@@ -139,6 +139,7 @@ class NequIPAdapter(HostAdapter):
         seed: int = 0,
         size: str = "small",
         device: str = "cpu",
+        patience: int | None = None,
     ) -> nn.Module:
         """Train through ``nequip-train`` in a subprocess; return the best checkpoint, loaded.
 
@@ -151,9 +152,11 @@ class NequIPAdapter(HostAdapter):
 
         self.require()
         work_dir = Path(work_dir).resolve()
-        fit_config(train, valid, config, epochs, seed, size, device)  # bad arguments: before any change
+        fit_config(train, valid, config, epochs, seed, size, device, patience)  # bad arguments: first
         with fit_work_dir(work_dir, "nequip", FIT_OUTPUTS, [train, valid], legacy_marks=[FIT_LOG]):
-            config_path = write_fit_config(train, valid, work_dir, config, epochs, seed, size, device)
+            config_path = write_fit_config(
+                train, valid, work_dir, config, epochs, seed, size, device, patience=patience
+            )
             run_nequip_train(config_path, work_dir, epochs, label=work_dir.name)
             best = work_dir / "best.ckpt"
             if not best.exists():
@@ -305,8 +308,13 @@ def fit_config(
     seed: int,
     size: str,
     device: str = "cpu",
+    patience: int | None = None,
 ) -> dict[str, Any]:
-    """The nequip-train config :meth:`NequIPAdapter.fit` runs: the template with these values filled in."""
+    """The nequip-train config :meth:`NequIPAdapter.fit` runs: the template with these values filled in.
+
+    ``patience``: Lightning's early stopping on the validation metric, and a plateau scheduler halving
+    the learning rate after ``max(2, patience // 3)`` epochs without improvement.
+    """
     import yaml
 
     from ggnd_plugin.adapters.base import lightning_accelerator
@@ -335,6 +343,28 @@ def fit_config(
     if config is not None:
         model["_target_"] = GGND_BUILDER
         model["ggnd"] = config.to_dict()
+    if patience is not None:
+        if patience < 1:
+            raise GGNDError(f"patience must be at least 1, got {patience}")
+        monitor = "val0_epoch/weighted_sum"
+        values["trainer"]["callbacks"].append(
+            {
+                "_target_": "lightning.pytorch.callbacks.EarlyStopping",
+                "monitor": monitor,
+                "patience": int(patience),
+                "mode": "min",
+            }
+        )
+        values["training_module"]["lr_scheduler"] = {
+            "scheduler": {
+                "_target_": "torch.optim.lr_scheduler.ReduceLROnPlateau",
+                "factor": 0.5,
+                "patience": max(2, int(patience) // 3),
+            },
+            "monitor": monitor,
+            "interval": "epoch",
+            "frequency": 1,
+        }
     return values
 
 
@@ -347,13 +377,14 @@ def write_fit_config(
     seed: int,
     size: str,
     device: str = "cpu",
+    patience: int | None = None,
 ) -> Path:
     """Write :func:`fit_config` to ``work_dir/nequip-fit.yaml`` (removing checkpoints of an earlier run)."""
     import yaml
 
     from ggnd_plugin.safe_io import atomic_write_text
 
-    values = fit_config(train, valid, config, epochs, seed, size, device)
+    values = fit_config(train, valid, config, epochs, seed, size, device, patience)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     # Lightning would write best-v1.ckpt next to an old best.ckpt: start from a clean folder.

@@ -111,6 +111,7 @@ class SchNetPackAdapter(HostAdapter):
         seed: int = 0,
         size: str = "small",
         device: str = "cpu",
+        patience: int | None = None,
     ) -> nn.Module:
         """Train PaiNN (``config=None``) or PaiNN + GGND from scratch with SchNetPack's ``spktrain``.
 
@@ -129,7 +130,9 @@ class SchNetPackAdapter(HostAdapter):
         with fit_work_dir(
             work_dir, "schnetpack", fit_outputs(config), [train, valid], legacy_marks=[FIT_LOG]
         ):
-            command, model_path = fit_command(train, valid, work_dir, config, epochs, seed, size, device)
+            command, model_path = fit_command(
+                train, valid, work_dir, config, epochs, seed, size, device, patience=patience
+            )
             run_fit(command, work_dir, epochs, label=work_dir.name)
             if not model_path.is_file():
                 raise GGNDError(f"spktrain finished but wrote no {model_path}; see {work_dir / FIT_LOG}")
@@ -413,12 +416,14 @@ def fit_command(
     seed: int,
     size: str,
     device: str = "cpu",
+    patience: int | None = None,
 ) -> tuple[list[str], Path]:
     """Write the database and split for ``spktrain``; return its command line and the model it writes.
 
     The run is ``work_dir/runs/<painn|ggnd_painn>`` (replaced if it exists: spktrain would otherwise
     resume it). ``epochs`` is ``trainer.max_epochs``; the test stage spktrain runs after training uses
-    the validation frames.
+    the validation frames. ``patience``: SchNetPack's early stopping on the validation loss and its
+    plateau scheduler after ``max(2, patience // 3)`` epochs (no cool-down).
     """
     import shutil
 
@@ -469,6 +474,10 @@ def fit_command(
         "print_config": False,
         "++seed": seed,
     }
+    if patience is not None:
+        overrides["callbacks.early_stopping.patience"] = int(patience)
+        overrides["task.scheduler_args.patience"] = max(2, int(patience) // 3)
+        overrides["task.scheduler_args.cooldown"] = 0
     if config is not None:
         overrides["globals.ggnd_atomic_numbers"] = "[" + ",".join(str(z) for z in elements) + "]"
         for key, value in config.to_dict().items():
