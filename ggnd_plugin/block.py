@@ -280,7 +280,13 @@ class FeatureSpec:
 
     def field_dims(self) -> tuple[tuple[str, int], ...]:
         """(name, width) of each field, as plain integers (nothing of e3nn left to trace)."""
-        return tuple((name, o3.Irreps(irreps).dim) for name, irreps in self.fields)
+        # Computed once and kept on the object: parsing irreps on every call costs time, and traced code
+        # (torch.compile) then reads plain integers. Specs unpickled from 0.1.0 files compute it here.
+        dims = self.__dict__.get("_dims")
+        if dims is None:
+            dims = tuple((name, o3.Irreps(irreps).dim) for name, irreps in self.fields)
+            object.__setattr__(self, "_dims", dims)
+        return dims
 
     def concatenate(self, features: Mapping[str, Tensor] | Tensor, num_atoms: int) -> Tensor:
         """Check the host tensors against the declaration and concatenate them."""
@@ -292,7 +298,7 @@ class FeatureSpec:
                 )
             features = {self.fields[0][0]: features}
         parts = []
-        for (name, irreps), (_, dim) in zip(self.fields, _field_dims(self), strict=True):
+        for (name, irreps), (_, dim) in zip(self.fields, self.field_dims(), strict=True):
             if name not in features:
                 raise KeyError(f"host feature '{name}' ({irreps}) is missing; got {sorted(features)}")
             tensor = features[name]
@@ -313,18 +319,6 @@ class FeatureSpec:
             ]
             lines.append(f"{name}: " + ", ".join(kinds))
         return "\n".join(lines)
-
-
-_FIELD_DIMS: dict[int, tuple[tuple[str, int], ...]] = {}
-
-
-def _field_dims(spec: FeatureSpec) -> tuple[tuple[str, int], ...]:
-    # Computed once per spec: parsing irreps strings on every call costs time and trips torch.compile.
-    key = id(spec)
-    cached = _FIELD_DIMS.get(key)
-    if cached is None or len(cached) != len(spec.fields):
-        cached = _FIELD_DIMS[key] = spec.field_dims()
-    return cached
 
 
 # --------------------------------------------------------------------------------------------------

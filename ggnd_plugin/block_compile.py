@@ -30,8 +30,14 @@ def compile_blocks(model: nn.Module, dynamic: bool = True, **options) -> int:
     copy the model they are given, so compile the copy inside the wrapper). Version-1 blocks (files of
     ggnd-plugin 0.1.0) are left as they are.
     """
+    import torch
+
     from ggnd_plugin.block import GGNDBlock
 
+    # Every block shares the code of GGNDBlock._energy, so TorchDynamo counts the graphs of all blocks of
+    # a process (models, batch sizes) against one recompilation limit (8 by default); past it, calls fall
+    # back to the plain path without a word. A study with a few models needs more.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     count = 0
     for module in model.modules():
         if type(module) is GGNDBlock:
