@@ -14,7 +14,7 @@ import numpy as np
 from ggnd_plugin.errors import GGNDError
 from ggnd_plugin.validation import check_elements, check_frames
 
-__all__ = ["check_elements", "labels_of", "read_labelled", "read_structures"]
+__all__ = ["check_elements", "labels_of", "match_atom_order", "read_labelled", "read_structures"]
 
 ENERGY_KEYS = ("energy", "REF_energy", "DFT_energy", "free_energy")
 FORCES_KEYS = ("forces", "REF_forces", "DFT_forces")
@@ -89,3 +89,63 @@ def read_labelled(path: str | Path, index: str = ":", need_forces: bool = True) 
         if forces is not None:
             atoms.arrays["forces"] = forces
     return frames
+
+
+def bond_graph(atoms, mult: float = 1.15):
+    """The molecule's bonds as a networkx graph (ASE natural cutoffs times ``mult``), elements on nodes."""
+    import networkx
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+
+    first, second = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=mult))
+    graph = networkx.Graph()
+    graph.add_nodes_from((index, {"element": int(z)}) for index, z in enumerate(atoms.numbers))
+    graph.add_edges_from((int(i), int(j)) for i, j in zip(first, second, strict=True) if i < j)
+    return graph
+
+
+def match_atom_order(frames: Sequence, reference, source: str = "input") -> list:
+    """``frames`` of one molecule, rewritten in ``reference``'s atom order (positions, cell, pbc only).
+
+    Two files of the same molecule often list its atoms in different orders (the package's xTB data
+    follows RDKit's order from the SMILES, the 3BPA DFT set its own). Bonds, stability criteria and
+    models compare atoms by index, so start frames must follow the reference's order. The order is
+    found by matching bond graphs with elements (networkx's VF2 isomorphism): equivalent atoms (the
+    hydrogens of one group) may be swapped, which no bond criterion or model can tell apart. The graph
+    of ``frames`` comes from its first frame with as many bonds as the reference.
+    """
+    from ase import Atoms
+    from networkx.algorithms.isomorphism import GraphMatcher
+
+    if not frames:
+        raise GGNDError(f"{source}: holds no frames")
+    numbers = sorted(int(z) for z in frames[0].numbers)
+    if numbers != sorted(int(z) for z in reference.numbers):
+        raise GGNDError(
+            f"{source} ({frames[0].get_chemical_formula()}) and the reference "
+            f"({reference.get_chemical_formula()}) are not the same molecule"
+        )
+    target = bond_graph(reference)
+    graph = next(
+        (
+            g
+            for g in (bond_graph(atoms) for atoms in frames)
+            if g.number_of_edges() == target.number_of_edges()
+        ),
+        None,
+    )
+    if graph is None:
+        raise GGNDError(f"{source}: no frame has the reference's {target.number_of_edges()} bonds")
+    matcher = GraphMatcher(target, graph, node_match=lambda a, b: a["element"] == b["element"])
+    mapping = next(matcher.isomorphisms_iter(), None)  # reference atom -> frame atom
+    if mapping is None:
+        raise GGNDError(f"{source}: its bonds do not match the reference's (another isomer?)")
+    order = [mapping[index] for index in range(len(reference))]
+    return [
+        Atoms(
+            numbers=reference.numbers,
+            positions=atoms.positions[order],
+            cell=atoms.cell,
+            pbc=atoms.pbc,
+        )
+        for atoms in frames
+    ]

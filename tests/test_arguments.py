@@ -120,6 +120,7 @@ def _valid(command: str, p: dict[str, str]) -> dict[str, list[str]]:
             "--frames": ["2"],
             "--out": [p["new_dir"]],
         },
+        "data reorder": {"input": [p["data"]], "--like": [p["data"]], "--output": [p["new"]]},
         "data list": {},
         "demo": {"--out": [p["new_dir"]]},
         "config": {"host": ["mace"]},
@@ -261,6 +262,13 @@ ROWS = [
     ("data generate", "--split-temperature", "-1", A, "must be a positive number"),
     ("data generate", "--max-bond-stretch", "0", A, "must be a positive number"),
     ("data generate", "--out", "{existing}", A, "is a file, not a folder"),
+    # data reorder
+    ("data reorder", "input", "missing.xyz", A, "missing.xyz: no such file"),
+    ("data reorder", "input", "{model}", A, "not a structure file"),
+    ("data reorder", "--like", "{folder}", A, "is a folder, not a file"),
+    ("data reorder", "--output", "{folder}", A, "is a folder; give a file name"),
+    ("data reorder", "--output", "{data}", R, "is the INPUT input"),
+    ("data reorder", "--output", "{existing}", R, "already exists; pass --overwrite"),
     # demo
     ("demo", "--out", "{existing}", A, "is a file, not a folder"),
     ("demo", "--out", "{foreign}", R, "is not empty (thesis.tex)"),

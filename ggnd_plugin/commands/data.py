@@ -116,6 +116,24 @@ def register(subparsers) -> None:
     generate.set_defaults(handler=run_generate)
     v.one_line_errors(generate)
 
+    reorder = data_commands.add_parser(
+        "reorder",
+        help="rewrite structures of a molecule in another file's atom order (e.g. start frames for MD)",
+        description="Read every frame of INPUT, find the atom order of the reference molecule (the first frame "
+        "of --like) by matching bond graphs with elements, and write the frames in that order to --output as "
+        "extxyz, positions only (labels are dropped: they were computed for the other order, and often by "
+        "another method). Use it to start `ggnd stability` from frames made by `ggnd data generate` for "
+        "models trained on another dataset of the same molecule.",
+    )
+    reorder.add_argument("input", type=v.STRUCTURE_FILE, help="structures to rewrite")
+    reorder.add_argument(
+        "--like", type=v.STRUCTURE_FILE, required=True, help="a structure file in the wanted atom order"
+    )
+    reorder.add_argument("-o", "--output", type=v.OUTPUT_FILE, required=True, help="extxyz to write")
+    reorder.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    reorder.set_defaults(handler=run_reorder)
+    v.one_line_errors(reorder)
+
     listing = data_commands.add_parser(
         "list", help="the datasets shipped inside ggnd-plugin, with their paths"
     )
@@ -156,6 +174,29 @@ def run_generate(args) -> int:
             f"(std {stats['energy_std_eV']:.3f}), force RMS {stats['force_rms_eV_per_A']:.3f} eV/Å"
         )
     print(f"{args.out / 'README.md'}: how the data was made")
+    return 0
+
+
+def run_reorder(args) -> int:
+    from ase.io import write
+
+    from ggnd_plugin.data import match_atom_order, read_structures
+    from ggnd_plugin.safe_io import atomic_path, check_output_file
+
+    check_output_file(
+        args.output,
+        what="--output",
+        overwrite=args.overwrite,
+        inputs=[("INPUT", args.input), ("--like", args.like)],
+    )
+    reference = read_structures(args.like, "0")[0]
+    frames = match_atom_order(read_structures(args.input), reference, str(args.input))
+    with atomic_path(args.output) as tmp:
+        write(tmp, frames, format="extxyz")
+    print(
+        f"{args.output}: {len(frames)} frames of {args.input} in the atom order of {args.like} "
+        f"({reference.get_chemical_formula()}), positions only"
+    )
     return 0
 
 
