@@ -1,7 +1,8 @@
-"""Plots of a stability run: max deviation per replica over time, and survival curves."""
+"""Plots of a stability run: max deviation per replica over time, and Kaplan-Meier survival curves."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -74,46 +75,57 @@ def plot_max_deviation(result: StabilityResult, path: str | Path) -> Path:
     return Path(path)
 
 
-def survival_curve(
-    times_ps: np.ndarray, horizon: float, n_points: int = 400
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fraction of replicas still stable at each time (a replica failing at t counts as stable before t)."""
-    grid = np.linspace(0.0, horizon, n_points)
-    times = np.asarray(times_ps, dtype=float)
-    return grid, (times[None, :] > grid[:, None]).mean(axis=1) if len(times) else np.zeros_like(grid)
-
-
 def plot_survival(result: StabilityResult, path: str | Path) -> Path:
-    """One panel per temperature, one curve per model."""
+    """Kaplan-Meier survival with pointwise 95 % bands: one panel per temperature, one curve per model.
+
+    Replicas that reach the horizon are censored there, so before the horizon the curve is the fraction
+    of replicas still stable; the band is scipy's log-log interval (ggnd_plugin.md.survival).
+    """
+    from ggnd_plugin.md.survival import CONFIDENCE, kaplan_meier
+
     plt = _pyplot()
     models, temperatures = _layout(result)
     horizon = result.protocol["time_ps"]
     figure, axes = plt.subplots(
-        1, len(temperatures), figsize=(3.4 * len(temperatures) + 0.6, 3.0), squeeze=False
+        1, len(temperatures), figsize=(3.4 * len(temperatures) + 0.6, 3.5), squeeze=False
     )
     handles = {}
     for column_index, temperature in enumerate(temperatures):
         axis = axes[0][column_index]
         for model_index, model in enumerate(models):
-            times = [
-                r["stability_ps"] if r["failed"] else np.inf
-                for r in result.rows
-                if r["model"] == model and r["temperature_K"] == temperature
-            ]
-            if not times:  # this model was not run at this temperature: no curve, not a zero line
+            rows = [r for r in result.rows if r["model"] == model and r["temperature_K"] == temperature]
+            if not rows:  # this model was not run at this temperature: no curve, not a zero line
                 continue
-            grid, alive = survival_curve(np.array(times), horizon)
+            curve = kaplan_meier(
+                [r["stability_ps"] for r in rows], [r["failed"] for r in rows], horizon, CONFIDENCE
+            )
+            time, survival, low, high = curve.steps()
             # One colour per model across panels, whichever models a panel has.
-            (line,) = axis.step(grid, alive, where="post", label=model, color=f"C{model_index % 10}")
+            colour = f"C{model_index % 10}"
+            axis.fill_between(time, low, high, color=colour, alpha=0.18, linewidth=0)
+            (line,) = axis.plot(time, survival, label=model, color=colour)
             handles.setdefault(model, line)
         axis.set_ylim(-0.03, 1.03)
         axis.set_xlim(0, horizon)
         axis.set_title(f"{temperature:g} K", fontsize=9)
         axis.set_xlabel("time (ps)")
         if column_index == 0:
-            axis.set_ylabel("fraction of replicas stable")
-    axes[0][-1].legend(handles=[handles[m] for m in models if m in handles], fontsize=8, loc="lower left")
-    figure.tight_layout()
+            axis.set_ylabel("fraction of replicas stable (KM)")
+    # Below the panels: inside, it would hide curves that fall to 0 and the bands.
+    figure.legend(
+        handles=[handles[m] for m in models if m in handles],
+        fontsize=8,
+        loc="lower center",
+        ncol=min(len(handles), 4) or 1,
+        frameon=False,
+    )
+    figure.suptitle(
+        f"Kaplan-Meier survival; shaded: pointwise {CONFIDENCE * 100:g} % band (log-log; none before the "
+        "first failure)",
+        fontsize=9,
+    )
+    rows_of_legend = math.ceil(len(handles) / 4)
+    figure.tight_layout(rect=(0, 0.06 * rows_of_legend, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return Path(path)
