@@ -216,11 +216,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--smoke", action="store_true", help="tiny CPU run: 24 frames, tiny models, 2 epochs, 0.02 ps"
     )
     p.add_argument(
+        "--study",
+        action="store_true",
+        help="the pre-registered study of docs/study-protocol.md (benchmarks/study_3bpa.py): its settings "
+        "are fixed there; --out (default build/study_3bpa), --results (default "
+        "benchmarks/results/study_3bpa.json), --jobs, --device and --stages apply",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace --results if it exists (it is refused otherwise, unless it lies in the --out cache)",
     )
     args = p.parse_args(argv)
+    if args.study:
+        if args.out == ROOT / "build" / "paper_3bpa":
+            args.out = ROOT / "build" / "study_3bpa"
+        if args.results == ROOT / "benchmarks" / "results" / "paper_3bpa.json":
+            args.results = ROOT / "benchmarks" / "results" / "study_3bpa.json"
     if args.ggnd_drop_interaction and set(args.hosts) != {"mace"}:
         p.error("--ggnd-drop-interaction is implemented for MACE only: run it with --hosts mace")
     if args.smoke:
@@ -874,6 +886,10 @@ def markdown_tables(payload) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.study:
+        from study_3bpa import run
+
+        return run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     from ggnd_plugin.registry import get
 
