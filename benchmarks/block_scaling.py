@@ -18,8 +18,9 @@ trained with it) and version 2 (the current default) side by side: both blocks i
 subprocess on the same inputs, their repeats interleaved, so the speed-up ``v1 / v2`` of a case is
 measured under the same conditions. Memory is read per version, each in its own fresh subprocess.
 
-Time: after one warm-up evaluation, ``--repeats`` evaluations are timed (``time.perf_counter``) and the
-median is reported, together with the minimum and maximum; for a case whose warm-up took more than 30 s
+Time: after one warm-up evaluation, ``--repeats`` evaluations are timed in CPU seconds of the process
+(``time.process_time``, one thread: other jobs on the shared machine do not count; wall seconds with
+``--threads`` above 1) and the median is reported, together with the minimum and maximum; for a case whose warm-up took more than 30 s
 the warm-up itself is the timing (``repeats`` 0): first-call costs are negligible there and a repeat
 would not beat the noise of the shared machine.
 
@@ -191,6 +192,9 @@ def run_case(case: dict) -> dict:
         if case["phase"] == "rss":
             return {DEFAULT_RSS: peak}
         return {"peak_bytes": peak, "peak_bytes_method": "working set (MALLOC_MMAP_THRESHOLD_=131072)"}
+    # CPU seconds of this process with one thread, or wall seconds with more: other jobs on a shared
+    # machine then do not count (the working-set and RSS phases below are not timed).
+    clock = time.process_time if case["threads"] == 1 else time.perf_counter
     results: dict[str, dict] = {}
     warm_up: dict[int, float] = {}
     times: dict[int, list[float]] = {}
@@ -198,9 +202,9 @@ def run_case(case: dict) -> dict:
     baseline = max_rss_bytes()
     for version, block in blocks.items():
         try:
-            start = time.perf_counter()
+            start = clock()
             outputs[version] = energy_and_forces(block)
-            warm_up[version] = time.perf_counter() - start
+            warm_up[version] = clock() - start
             times[version] = [warm_up[version]] if warm_up[version] >= LONG_CASE_SECONDS else []
         except (RuntimeError, MemoryError) as error:
             message = str(error).splitlines()[0][:200]
@@ -210,9 +214,9 @@ def run_case(case: dict) -> dict:
     repeating = [v for v in times if warm_up[v] < LONG_CASE_SECONDS]
     for _ in range(case["repeats"]):
         for version in repeating:
-            start = time.perf_counter()
+            start = clock()
             outputs[version] = energy_and_forces(blocks[version])
-            times[version].append(time.perf_counter() - start)
+            times[version].append(clock() - start)
     for version in times:
         energy, forces = outputs[version]
         if not (torch.isfinite(energy).all() and torch.isfinite(forces).all()):
