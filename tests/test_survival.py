@@ -32,7 +32,7 @@ PLACEBO = [1, 1, 2, 2, 3, 4, 4, 5, 5, 8, 8, 8, 8, 11, 11, 12, 12, 15, 17, 22, 23
 
 def test_kaplan_meier_6mp_matches_the_published_table_and_the_log_log_band_by_hand():
     curve = survival.kaplan_meier(MP_TIMES, MP_FAILED, horizon=35)
-    # Kleinbaum & Klein table 2.x: S(t) at the failure times.
+    # Kleinbaum & Klein, ch. 2: S(t) at the failure times.
     published = {6: 0.857, 7: 0.807, 10: 0.753, 13: 0.690, 16: 0.627, 22: 0.538, 23: 0.448}
     for t, s in published.items():
         assert curve.at(t) == pytest.approx(s, abs=5e-4)
@@ -42,7 +42,7 @@ def test_kaplan_meier_6mp_matches_the_published_table_and_the_log_log_band_by_ha
     times, at_risk, events = survival.risk_table(MP_TIMES, MP_FAILED)
     assert [(int(t), int(n), int(d)) for t, n, d in zip(times, at_risk, events, strict=True)] == table
     s, greenwood = 1.0, 0.0
-    published_se = [0.0764, 0.0869, 0.0963, 0.1068, 0.1141, 0.1282, 0.1346]  # Greenwood, same table
+    published_se = [0.0764, 0.0869, 0.0963, 0.1068, 0.1141, 0.1282, 0.1346]  # Greenwood, as R's survfit
     for (t, n, d), se in zip(table, published_se, strict=True):
         s *= 1 - d / n
         greenwood += d / (n * (n - d))
@@ -61,7 +61,9 @@ def test_kaplan_meier_small_example_by_hand_ties_failure_at_zero_and_the_drawn_s
     assert curve.survival == pytest.approx([1, 0.8, 0.6, 0.3, 0.3])
     time, value, low, high = curve.steps()
     assert time.tolist() == [0, 1, 1, 2, 2, 3, 3, 5, 5]
-    assert np.interp(1.5, time, value) == pytest.approx(0.8) and np.interp(4.0, time, value) == pytest.approx(0.3)
+    assert np.interp(1.5, time, value) == pytest.approx(0.8) and np.interp(4.0, time, value) == pytest.approx(
+        0.3
+    )
     assert (low <= value).all() and (value <= high).all()
     # A failure at the horizon and censorings there: the failure comes first (3 at risk, 1 fails).
     tied = survival.kaplan_meier([1, 5, 5, 5], [1, 1, 0, 0], horizon=5)
