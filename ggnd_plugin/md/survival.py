@@ -149,9 +149,9 @@ def restricted_mean(
     """RMST: the area under the Kaplan-Meier curve from 0 to the horizon, with its standard error.
 
     Var = sum over failure times t_i <= horizon of A_i^2 d_i / (n_i (n_i - d_i)), A_i the area under the
-    curve from t_i to the horizon (Klein & Moeschberger 2003, eq. 4.5.2; the Greenwood-type variance
-    R's survival::print.survfit and survRM2 report). A term with n_i = d_i has A_i = 0 (the curve is 0
-    after it) and adds nothing. Interval: RMST ± z se, clipped to [0, horizon].
+    curve from t_i to the horizon (the Greenwood-type variance of Klein & Moeschberger 2003, section
+    4.5). A term with n_i = d_i has A_i = 0 (the curve is 0 after it) and adds nothing. Interval:
+    RMST ± z se, clipped to [0, horizon].
     """
     times, failed = _check_group(times, failed)
     if not horizon > 0:
