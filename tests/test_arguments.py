@@ -240,6 +240,10 @@ ROWS = [
     ("stability", "--out", "{existing}", A, "is a file, not a folder"),
     ("stability", "--out", "{foreign}", R, "is not empty (thesis.tex)"),
     ("stability", "--host", "nope", A, "no adapter named"),
+    ("stability", "--max-batch-atoms", "0", A, "must be a positive integer, got 0"),
+    ("stability", "--max-batch-atoms", "64", R, "give --autobatch too"),
+    ("stability", "--baseline", "", A, "must not be empty"),
+    ("stability", "--baseline", "nope", R, "--baseline nope: not one of the models of this run (tiny)"),
     # data generate
     ("data generate", "--smiles", "", A, "must not be empty"),
     ("data generate", "--temperature", "0", A, "must be a positive number"),

@@ -1,7 +1,13 @@
-"""``ggnd stability``: many-replica MD stability of one or more models (docs/stability.md)."""
+"""``ggnd stability``: many-replica MD stability of one or more models (docs/stability.md).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the same command shards the replicas over the ranks, each on its
+own device, and rank 0 writes what a single process writes (docs/scale.md).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from pathlib import Path
 
 from ggnd_plugin import validation as v
@@ -20,7 +26,7 @@ def register(subparsers) -> None:
         "and record when each replica becomes unstable (max bond deviation > threshold for molecules, RDF "
         "distance for periodic systems). Defaults follow the paper: NVE velocity Verlet, 1 fs, 100 ps, 0.5 Å. "
         "--out must be new or empty unless it holds this command's run (--resume continues it, --overwrite "
-        "starts again).",
+        "starts again). Under torchrun the replicas are sharded over the ranks (docs/scale.md).",
     )
     parser.add_argument("models", nargs="+", type=v.MODEL_FILE, metavar="MODEL", help="fitted model files")
     parser.add_argument(
@@ -91,6 +97,25 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=v.OUTPUT_DIR, required=True, help="output directory")
     parser.add_argument("--resume", action="store_true", help="continue the run stopped in --out")
     parser.add_argument("--host", default="auto", type=v.HOST, help=HOST_HELP)
+    parser.add_argument(
+        "--autobatch",
+        action="store_true",
+        help="size batches by memory with TorchSim's InFlightAutoBatcher: waiting replicas join as others fail "
+        "or finish (docs/scale.md)",
+    )
+    parser.add_argument(
+        "--max-batch-atoms",
+        type=v.POSITIVE_INT,
+        metavar="N",
+        help="with --autobatch: at most N atoms in a batch (TorchSim's max_memory_scaler on atom counts); "
+        "default: measured by TorchSim on CUDA, required on the CPU",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=v.TEXT,
+        metavar="MODEL",
+        help="model the comparison table is made against: a MODEL's name (its file name without suffix)",
+    )
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
@@ -164,12 +189,47 @@ def load_models(paths: list[Path], host: str, device, dtype, start_frames) -> di
     return models
 
 
+def _accepts_baseline(function) -> bool:
+    return "baseline" in inspect.signature(function).parameters
+
+
+def _report_unfinished(error, out: Path) -> None:
+    """unfinished.json and a table of the replicas no rank finished (rank 0 of a torchrun job)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ggnd_plugin.safe_io import atomic_write_text
+
+    atomic_write_text(
+        out / UNFINISHED_FILE,
+        json.dumps({"message": str(error), "replicas": error.replicas}, indent=2) + "\n",
+    )
+    table = Table(title=f"Unfinished replicas ({out / UNFINISHED_FILE})")
+    for column in ("model", "T (K)", "replica", "rank", "steps done"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for item in error.replicas:
+        table.add_row(
+            item["model"],
+            f"{item['temperature_K']:g}",
+            str(item["replica"]),
+            str(item["rank"]),
+            f"{item['step']}/{item['of_steps']}",
+        )
+    Console(stderr=True).print(table)
+
+
+UNFINISHED_FILE = "unfinished.json"
+
+
 def run(args) -> int:
     import torch
 
     from ggnd_plugin.data import read_structures
+    from ggnd_plugin.md import distributed
     from ggnd_plugin.md.report import print_summary, write_results
-    from ggnd_plugin.md.stability import StabilityProtocol, run_stability
+    from ggnd_plugin.md.stability import Batching, StabilityProtocol, UnfinishedReplicas, run_stability
     from ggnd_plugin.safe_io import output_lock
 
     temperatures = tuple(args.temperature)
@@ -197,36 +257,82 @@ def run(args) -> int:
         rdf_bins=args.rdf_bins,
     )
     protocol.validate()
-    check_out(args)
-    if len(args.start) == 1:
-        start_frames = read_structures(args.start[0])
-        all_start = start_frames
-    else:
-        start_frames = {t: read_structures(path) for t, path in zip(temperatures, args.start, strict=True)}
-        all_start = [atoms for frames in start_frames.values() for atoms in frames]
-    reference = read_structures(args.reference)
-    device = _device(args.device)
-    dtype = getattr(torch, args.dtype)
-    models = load_models(args.models, args.host, device, dtype, all_start)
-    sources = {
-        "start": ", ".join(str(p) for p in args.start),
-        "reference": f"{args.reference} ({len(reference)} frames)",
-        "model_files": {name: str(path) for name, path in zip(models, args.models, strict=True)},
-    }
-    with output_lock(args.out):
-        check_out(args)  # again, now that no other run can change the folder
-        result = run_stability(
-            models,
-            start_frames,
-            reference,
-            protocol,
-            out_dir=args.out,
-            resume=args.resume,
-            progress=not args.no_progress,
-            sources=sources,
-            overwrite=args.overwrite,
+    if args.max_batch_atoms is not None and not args.autobatch:
+        raise GGNDError("--max-batch-atoms sizes the batches of --autobatch: give --autobatch too")
+    names = _names(args.models)
+    if args.baseline is not None and args.baseline not in names:
+        raise GGNDError(
+            f"--baseline {args.baseline}: not one of the models of this run ({', '.join(names)}); "
+            "a model's name is its file name without suffix"
         )
-        paths = write_results(result, args.out, plots=not args.no_plots)
-    print_summary(result)
-    print(f"results in {args.out}: " + ", ".join(sorted(p.name for p in paths.values())))
+    batching = Batching("in-flight" if args.autobatch else "off", args.max_batch_atoms)
+    device = _device(args.device)
+    if args.autobatch and args.max_batch_atoms is None and device.type != "cuda":
+        raise GGNDError(
+            "--autobatch on the CPU needs --max-batch-atoms: TorchSim measures what a device holds only on CUDA"
+        )
+    ranks = distributed.from_environment(device)
+    try:
+        main = ranks is None or ranks.is_main
+        if ranks is None:
+            check_out(args)
+        else:
+            device = ranks.device
+            ranks.agree(lambda: check_out(args))
+        if len(args.start) == 1:
+            start_frames = read_structures(args.start[0])
+            all_start = start_frames
+        else:
+            start_frames = {
+                t: read_structures(path) for t, path in zip(temperatures, args.start, strict=True)
+            }
+            all_start = [atoms for frames in start_frames.values() for atoms in frames]
+        reference = read_structures(args.reference)
+        dtype = getattr(torch, args.dtype)
+        models = load_models(args.models, args.host, device, dtype, all_start)
+        sources = {
+            "start": ", ".join(str(p) for p in args.start),
+            "reference": f"{args.reference} ({len(reference)} frames)",
+            "model_files": {name: str(path) for name, path in zip(models, args.models, strict=True)},
+        }
+        with contextlib.ExitStack() as stack:
+
+            def lock_and_check():
+                stack.enter_context(output_lock(args.out))
+                check_out(args)  # again, now that no other run can change the folder
+
+            if ranks is None:
+                lock_and_check()
+            else:
+                ranks.agree(lock_and_check)
+            try:
+                result = run_stability(
+                    models,
+                    start_frames,
+                    reference,
+                    protocol,
+                    out_dir=args.out,
+                    resume=args.resume,
+                    progress=not args.no_progress and main,
+                    sources=sources,
+                    overwrite=args.overwrite,
+                    batching=batching,
+                    ranks=ranks,
+                )
+            except UnfinishedReplicas as error:
+                _report_unfinished(error, args.out)
+                raise
+            if not main:
+                return 0
+            report = {"baseline": args.baseline} if args.baseline is not None else {}
+            if report and not _accepts_baseline(write_results):
+                report = {}  # the installed report functions predate --baseline
+            paths = write_results(result, args.out, plots=not args.no_plots, **report)
+            (args.out / UNFINISHED_FILE).unlink(missing_ok=True)
+    finally:
+        if ranks is not None:
+            ranks.close()
+    print_summary(result, **(report if _accepts_baseline(print_summary) else {}))
+    ranks_note = f" ({ranks.world_size} ranks)" if ranks is not None else ""
+    print(f"results in {args.out}{ranks_note}: " + ", ".join(sorted(p.name for p in paths.values())))
     return 0
