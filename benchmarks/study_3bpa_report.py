@@ -163,7 +163,157 @@ def write_report(args, data, models) -> dict[str, Any]:
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     atomic_write_text(args.results, json.dumps(payload, indent=2, default=str) + "\n")
+    figures = args.out / "figures" if SMOKE else ROOT / "docs" / "img"
+    plot_survival(models, fits, cells, figures)
+    plot_start_sets(payload["start_sets"], figures / "study_3bpa_start_sets.png")
+    (args.out / "tables.md").write_text(markdown(payload))
+    print(markdown(payload))
     return payload
+
+
+def plot_survival(models, fits, cells, folder: Path) -> None:
+    """Kaplan-Meier curves with 95 % bands, plain against +GGND (seeds pooled), one panel per cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ggnd_plugin.md import survival
+    from ggnd_plugin.safe_io import atomic_path
+
+    for host in HOSTS:
+        figure, axes = plt.subplots(1, len(CELLS), figsize=(4 * len(CELLS), 3.4), sharey=True)
+        for axis, (cell, temperature, start) in zip(axes, CELLS, strict=True):
+            for ggnd, colour in ((False, "tab:blue"), (True, "tab:red")):
+                times, failed = _arm(models, fits, cells, host, ggnd, cell)
+                if not times:
+                    continue
+                curve = survival.kaplan_meier(times, failed, horizon=TIME_PS)
+                t, s, low, high = curve.steps()
+                label = f"{host}{' + GGND' if ggnd else ''} ({sum(failed)}/{len(failed)} failed)"
+                axis.plot(t, s, color=colour, label=label)
+                axis.fill_between(t, low, high, color=colour, alpha=0.15, linewidth=0)
+            axis.set_title(
+                f"{cell}: {temperature:g} K, {'xTB 1200 K' if start == 'start_1200K_xtb' else start} starts",
+                fontsize=9,
+            )
+            axis.set_xlabel("time (ps)")
+            axis.set_xlim(0, TIME_PS)
+            axis.set_ylim(-0.02, 1.02)
+            axis.legend(fontsize=7, loc="lower left")
+        axes[0].set_ylabel("surviving replicas (Kaplan-Meier, 95 % band)")
+        figure.suptitle(
+            f"{host}: {REPLICAS} replicas x {len(SEEDS)} training seeds per arm, NVE 1 fs", fontsize=10
+        )
+        figure.tight_layout()
+        with atomic_path(folder / f"study_3bpa_{host}_survival.png") as tmp:
+            figure.savefig(tmp, dpi=110, format="png")
+        plt.close(figure)
+
+
+def plot_start_sets(start_sets: dict[str, Any], path: Path) -> None:
+    """Histograms of each start set's largest bond deviation from the training means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ggnd_plugin.safe_io import atomic_path
+
+    labels = {
+        "test_300K": "test_300K (300 K starts)",
+        "test_600K": "test_600K (600 K, 1200 K-A starts)",
+        "start_1200K_xtb": "xTB 1200 K MD (1200 K-B starts)",
+    }
+    figure, axis = plt.subplots(figsize=(6, 3.4))
+    top = max(max(record["values_A"]) for record in start_sets.values())
+    for name, record in start_sets.items():
+        axis.hist(
+            record["values_A"],
+            bins=40,
+            range=(0, top),
+            density=True,
+            histtype="step",
+            label=f"{labels[name]}, median {record['median_A']:.3f} Å",
+        )
+    axis.set_xlabel("largest bond deviation of a start frame (Å); failure at 0.5 Å")
+    axis.set_ylabel("density")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+
+
+def _pct(record) -> str:
+    proportion = record["failure_proportion"]
+    return f"{record['failed']}/{record['replicas']} ({100 * proportion['low']:.0f}-{100 * proportion['high']:.0f} %)"
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The results tables of docs/results.md: the primary endpoint, then every cell, then the errors."""
+    lines = [
+        "### Primary endpoint: failures within 10 ps at 1200 K from the xTB 1200 K frames (seeds pooled)",
+        "",
+    ]
+    lines += [
+        "| host | plain failed (95 % Wilson) | +GGND failed (95 % Wilson) | Fisher p (two-sided) | Holm over hosts | replicas per arm needed | outcome |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for host, record in payload["endpoints"]["primary"].items():
+        if "fisher" not in record:
+            lines.append(f"| {host} | not run | | | | | |")
+            continue
+        fisher = record["fisher"]
+        needed = fisher.get("replicas_needed_per_arm")
+        lines.append(
+            f"| {host} | {_pct(record['plain'])} | {_pct(record['ggnd'])} | {fisher['p_value']:.3g} | "
+            f"{fisher.get('p_holm_over_hosts', float('nan')):.3g} | {needed if needed else '—'} | {record['outcome']} |"
+        )
+    lines += ["", "### Secondary endpoints: every cell, seeds pooled and per seed", ""]
+    lines += [
+        "| host | cell | plain failed | +GGND failed | Fisher p | log-rank p | hazard ratio | RMST plain (ps) | RMST +GGND (ps) | ΔRMST (95 % CI) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for host, cells in payload["endpoints"]["secondary"].items():
+        for cell, record in cells.items():
+            if record is None:
+                lines.append(f"| {host} | {cell} | not run | | | | | | | |")
+                continue
+            logrank = record["logrank"]
+            difference = record["rmst_difference"]
+            p_logrank = "—" if logrank["p_value"] is None else f"{logrank['p_value']:.3g}"
+            hazard = "—" if logrank["hazard_ratio"] is None else f"{logrank['hazard_ratio']:.2f}"
+            lines.append(
+                f"| {host} | {cell} | {_pct(record['plain'])} | {_pct(record['ggnd'])} | {record['fisher']['p_value']:.3g} | "
+                f"{p_logrank} | {hazard} | {record['plain']['rmst']['rmst_ps']:.2f} | {record['ggnd']['rmst']['rmst_ps']:.2f} | "
+                f"{difference['ggnd_minus_plain_ps']:+.2f} ({difference['low']:+.2f} to {difference['high']:+.2f}) |"
+            )
+    lines += ["", "### Errors (meV/atom for energy, meV/Å for forces) and training", ""]
+    lines += [
+        "| model | epochs | fit (min) | E 300 K | F 300 K | E 600 K | F 600 K | E valid | F valid |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, model in payload["models"].items():
+        errors = model.get("errors") or {}
+        cells = []
+        for split in ("test_300K", "test_600K", "valid"):
+            metrics = errors.get(split)
+            cells += (
+                ["—", "—"]
+                if not metrics
+                else [f"{1e3 * metrics['energy_per_atom_mae']:.2f}", f"{1e3 * metrics['forces_mae']:.1f}"]
+            )
+        fit = model["fit"]
+        minutes = "—" if fit.get("seconds") is None else f"{fit['seconds'] / 60:.0f}"
+        lines.append(f"| `{name}` | {fit.get('epochs_run') or '—'} | {minutes} | " + " | ".join(cells) + " |")
+    lines += ["", "### Start sets: largest bond deviation of a start frame from the training means (Å)", ""]
+    lines += ["| start set | frames | median | 90th percentile | max |", "|---|---|---|---|---|"]
+    for name, record in payload["start_sets"].items():
+        lines.append(
+            f"| {name} | {record['frames']} | {record['median_A']:.3f} | {record['p90_A']:.3f} | {record['max_A']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def start_set_deviation(data) -> dict[str, Any]:
