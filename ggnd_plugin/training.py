@@ -3,6 +3,13 @@
 The loop is host-agnostic: it only needs :meth:`HostAdapter.predict`, which returns energies and
 differentiable forces. Energies are compared per atom, so the loss weights mean the same for molecules
 of any size; the model's own isolated-atom energies (E0s) are kept, not refitted.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in PyTorch's ``DistributedDataParallel``
+(gloo on the CPU): every rank draws the same global batches from the seed and computes its share of
+each, DDP averages the gradients, and the loss of every share is weighted so that the average is the
+single-process loss of the whole batch. ``--batch-size`` therefore stays the global batch and the run
+follows the single-process run (to round-off, tested). Rank 0 checks, locks and writes OUTPUT and the
+checkpoint; every rank resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -170,6 +177,7 @@ def finetune(
     progress: bool = True,
     overwrite: bool = False,
     inputs: Iterable[tuple[str, Any]] = (),
+    ranks=None,
 ) -> FinetuneResult:
     """Train ``model`` on ``train`` (energy + force loss), checkpointing every epoch next to ``out``.
 
@@ -179,22 +187,96 @@ def finetune(
     starts again). ``out`` must not exist unless resuming its run or ``overwrite``; ``inputs``
     ((argument, path) pairs) are never written. Every file is written atomically and the output is
     locked against a second run.
+
+    ``ranks`` (:class:`ggnd_plugin.distributed.Ranks` of a torchrun job): train data-parallel with
+    ``DistributedDataParallel``; rank 0 writes, every rank returns the same result.
     """
+    import contextlib
+
     from tqdm.auto import tqdm
 
     out = Path(out)
-    with output_lock(out, folder=False):
-        check_finetune_output(out, inputs, resume=resume, overwrite=overwrite)
-        return _finetune(adapter, model, train, valid, out, settings, resume, progress, overwrite, tqdm)
+    if ranks is None:
+        with output_lock(out, folder=False):
+            check_finetune_output(out, inputs, resume=resume, overwrite=overwrite)
+            return _finetune(adapter, model, train, valid, out, settings, resume, progress, overwrite, tqdm)
+    with contextlib.ExitStack() as stack:
+
+        def lock_and_check():
+            stack.enter_context(output_lock(out, folder=False))
+            check_finetune_output(out, inputs, resume=resume, overwrite=overwrite)
+
+        ranks.agree(lock_and_check)
+        return _finetune(
+            adapter,
+            model,
+            train,
+            valid,
+            out,
+            settings,
+            resume,
+            progress and ranks.is_main,
+            overwrite,
+            tqdm,
+            ranks,
+        )
 
 
-def _finetune(adapter, model, train, valid, out, settings, resume, progress, overwrite, tqdm):
+class _Predictor(nn.Module):
+    """``adapter.predict`` as a module, so that ``DistributedDataParallel`` sees the forward pass."""
+
+    def __init__(self, adapter: HostAdapter, model: nn.Module):
+        super().__init__()
+        self.adapter = adapter
+        self.model = model
+
+    def forward(self, structures):
+        prediction = self.adapter.predict(self.model, structures, training=True)
+        return prediction.energy, prediction.forces
+
+
+def _share_loss(predictor, batch: Sequence, settings: FinetuneSettings, ranks) -> torch.Tensor:
+    """This rank's part of the loss of ``batch`` (the global batch), weighted so that DDP's average of
+    the ranks' gradients is the gradient of the single-process loss of the whole batch.
+
+    A rank whose share is empty (a last batch smaller than the number of ranks) computes a frame with
+    weight 0: DDP needs every rank's backward pass.
+    """
+    share = list(batch[ranks.rank :: ranks.world_size])
+    weight = 1.0
+    if not share:
+        share, weight = list(batch[:1]), 0.0
+    energy, forces = predictor(share)
+    e_ref, f_ref, n_atoms = _targets(share, energy.device, energy.dtype)
+    total_atoms = sum(len(atoms) for atoms in batch)
+    energy_term = (((energy - e_ref) / n_atoms) ** 2).sum() / len(batch)
+    forces_term = ((forces - f_ref) ** 2).sum() / (3 * total_atoms)
+    loss = settings.energy_weight * energy_term + settings.forces_weight * forces_term
+    return loss * (weight * ranks.world_size)
+
+
+def _check_in_sync(model: nn.Module, ranks) -> None:
+    """Every rank ends with the same parameters (DDP's promise); a difference is an error, not a warning."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().flatten().double().cpu() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(ranks.world_size)]
+    dist.all_gather(gathered, flat, group=ranks.control)
+    spread = max(float((g - gathered[0]).abs().max()) for g in gathered)
+    if spread > 0:
+        raise GGNDError(f"the {ranks.world_size} ranks ended with different parameters (up to {spread:.3g})")
+
+
+def _finetune(adapter, model, train, valid, out, settings, resume, progress, overwrite, tqdm, ranks=None):
     v.check_frames(train, "training structures")
     if valid is not None and len(valid) == 0:
         valid = None
     ckpt = checkpoint_path(out)
-    if overwrite and ckpt.exists():
+    main = ranks is None or ranks.is_main
+    if overwrite and ckpt.exists() and main:
         ckpt.unlink()  # the old run must not be mixed into the new one
+    if ranks is not None:
+        ranks.barrier()
     params = trainable_parameters(adapter, model, settings.freeze_host)
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     result = FinetuneResult(
@@ -206,6 +288,8 @@ def _finetune(adapter, model, train, valid, out, settings, resume, progress, ove
     start_epoch, best = 0, math.inf
 
     def save_checkpoint(epoch: int) -> None:
+        if not main:
+            return
         state = {
             "epoch": epoch,
             "best": best,
@@ -233,6 +317,12 @@ def _finetune(adapter, model, train, valid, out, settings, resume, progress, ove
     else:
         # Epoch 0: written before OUTPUT can exist, so an OUTPUT without a checkpoint is never ours.
         save_checkpoint(0)
+    predictor = None
+    if ranks is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ranks.barrier()  # the checkpoint every rank resumed from is read before rank 0 replaces it
+        predictor = DistributedDataParallel(_Predictor(adapter, model))
 
     epochs = range(start_epoch, settings.epochs)
     bar = tqdm(
@@ -248,14 +338,23 @@ def _finetune(adapter, model, train, valid, out, settings, resume, progress, ove
         total, count = 0.0, 0
         for batch in _batches(train, settings.batch_size, rng):
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_of(adapter, model, batch, settings, training=True)
-            if not torch.isfinite(loss):
-                raise GGNDError(f"epoch {epoch + 1}: the loss became {loss.item()}; lower --lr")
+            if predictor is None:
+                loss = loss_of(adapter, model, batch, settings, training=True)
+                value = loss.detach()
+            else:
+                import torch.distributed as dist
+
+                loss = _share_loss(predictor, batch, settings, ranks)
+                value = loss.detach().clone()
+                dist.all_reduce(value)  # the batch loss, the same number on every rank
+                value = value / ranks.world_size
+            if not torch.isfinite(value):
+                raise GGNDError(f"epoch {epoch + 1}: the loss became {value.item()}; lower --lr")
             loss.backward()
             if settings.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
-            total += loss.item() * len(batch)
+            total += value.item() * len(batch)
             count += len(batch)
         record = EpochRecord(epoch=epoch + 1, train_loss=total / count, valid_loss=None)
         if valid:
@@ -269,10 +368,15 @@ def _finetune(adapter, model, train, valid, out, settings, resume, progress, ove
         if score < best:
             best = score
             # Before the checkpoint: a kill between the two repeats this epoch, which saves it again.
-            save_model(adapter, model, out)
+            if main:
+                save_model(adapter, model, out)
         bar.set_postfix(train=f"{record.train_loss:.4g}", valid=f"{record.valid_loss or float('nan'):.4g}")
         save_checkpoint(epoch + 1)
+        if ranks is not None:
+            ranks.barrier()  # no rank starts the next epoch before rank 0 has written this one
     bar.close()
+    if ranks is not None:
+        _check_in_sync(model, ranks)
     if not out.exists():
         raise GGNDError(
             f"{out}: the run finished (checkpoint {ckpt.name}) but its model file is missing; "

@@ -157,8 +157,8 @@ def test_a_rank_that_dies_is_reported_and_resume_finishes_only_its_replicas(mode
 
 
 def test_device_and_backend_checks():
+    from ggnd_plugin.distributed import rank_device
     from ggnd_plugin.errors import GGNDError
-    from ggnd_plugin.md.distributed import rank_device
 
     assert rank_device(torch.device("cpu"), 3) == torch.device("cpu")
     with pytest.raises(GGNDError, match="give --device cuda, and each rank uses cuda:LOCAL_RANK"):

@@ -148,6 +148,7 @@ def _labelled(path: Path, adapter, model):
 def run_finetune(args) -> int:
     import torch
 
+    from ggnd_plugin import distributed
     from ggnd_plugin.training import FinetuneSettings, check_finetune_output, finetune
 
     inputs = [
@@ -156,38 +157,61 @@ def run_finetune(args) -> int:
         ("--valid", args.valid),
         ("--config", args.config),
     ]
-    check_finetune_output(args.output, inputs, resume=args.resume, overwrite=args.overwrite)
-    adapter, model = _load(args)
-    train = _labelled(args.train, adapter, model)
-    valid = _labelled(args.valid, adapter, model) if args.valid else None
-    if not adapter.ggnd_blocks(model):
-        print(f"{args.model} has no GGND block: attaching one (fusion readout at zero) before training")
-        torch.manual_seed(args.seed)  # the block's initial weights are part of the run's result
-        model = adapter.attach(model, _config(args.config))
-    settings = FinetuneSettings(
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        energy_weight=args.energy_weight,
-        forces_weight=args.forces_weight,
-        freeze_host=args.freeze_host,
-        seed=args.seed,
-    )
-    result = finetune(
-        adapter,
-        model,
-        train,
-        valid,
-        args.output,
-        settings,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        inputs=inputs,
-    )
+    # Under torchrun: data-parallel training (DDP, gloo on the CPU; docs/scale.md). Rank 0 owns OUTPUT.
+    ranks = distributed.from_environment(torch.device("cpu"), stop_on_sigterm=False)
+    try:
+
+        def check():
+            check_finetune_output(args.output, inputs, resume=args.resume, overwrite=args.overwrite)
+
+        if ranks is None:
+            check()
+        else:
+            ranks.agree(check)
+        adapter, model = _load(args)
+        train = _labelled(args.train, adapter, model)
+        valid = _labelled(args.valid, adapter, model) if args.valid else None
+        main = ranks is None or ranks.is_main
+        if not adapter.ggnd_blocks(model):
+            if main:
+                print(
+                    f"{args.model} has no GGND block: attaching one (fusion readout at zero) before training"
+                )
+            torch.manual_seed(args.seed)  # the block's initial weights are part of the run's result
+            model = adapter.attach(model, _config(args.config))
+        settings = FinetuneSettings(
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            energy_weight=args.energy_weight,
+            forces_weight=args.forces_weight,
+            freeze_host=args.freeze_host,
+            seed=args.seed,
+        )
+        result = finetune(
+            adapter,
+            model,
+            train,
+            valid,
+            args.output,
+            settings,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            inputs=inputs,
+            ranks=ranks,
+        )
+    finally:
+        if ranks is not None:
+            ranks.close()
+    if not main:
+        return 0
     last = result.history[-1] if result.history else None
+    where = (
+        f" on {ranks.world_size} DDP ranks (parameters identical on every rank)" if ranks is not None else ""
+    )
     print(
         f"trained {result.trained_parameters:,} parameters ({result.frozen_parameters:,} frozen) on "
-        f"{len(train)} frames for {settings.epochs} epochs -> {args.output}"
+        f"{len(train)} frames for {settings.epochs} epochs{where} -> {args.output}"
     )
     if last is not None:
         print(

@@ -226,8 +226,8 @@ UNFINISHED_FILE = "unfinished.json"
 def run(args) -> int:
     import torch
 
+    from ggnd_plugin import distributed
     from ggnd_plugin.data import read_structures
-    from ggnd_plugin.md import distributed
     from ggnd_plugin.md.report import print_summary, write_results
     from ggnd_plugin.md.stability import Batching, StabilityProtocol, UnfinishedReplicas, run_stability
     from ggnd_plugin.safe_io import output_lock

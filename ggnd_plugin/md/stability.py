@@ -12,7 +12,7 @@ trajectory does not depend on the batch it runs in. That is what lets the same p
 * in one batch per model (the default),
 * in batches sized by TorchSim's autobatchers (:class:`Batching`: ``BinningAutoBatcher`` bins run one
   after another, or ``InFlightAutoBatcher``, which refills the batch as replicas fail or finish),
-* sharded over the ranks of a ``torchrun`` job (:mod:`ggnd_plugin.md.distributed`),
+* sharded over the ranks of a ``torchrun`` job (:mod:`ggnd_plugin.distributed`),
 
 with the same per-replica results. Checkpoints hold one entry per replica (written atomically every few
 hundred steps); ``resume=True`` continues every unfinished replica from its newest entry, whichever
@@ -1197,7 +1197,7 @@ def run_stability(
         sources: extra provenance (file names) copied into the protocol record.
         overwrite: start again over the checkpoints of an earlier run in ``out_dir``.
         batching: how replicas are grouped into batches (:class:`Batching`; default: one batch per model).
-        ranks: a :class:`ggnd_plugin.md.distributed.Ranks` of a torchrun job: this process runs its
+        ranks: a :class:`ggnd_plugin.distributed.Ranks` of a torchrun job: this process runs its
             shard of every model's replicas, and rank 0 gathers every rank's checkpoints into the result
             (other ranks return None). Needs ``out_dir`` on a file system all ranks share.
 

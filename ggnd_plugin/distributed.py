@@ -1,4 +1,4 @@
-"""``ggnd stability`` across processes, GPUs and nodes with ``torch.distributed`` (launched by ``torchrun``).
+"""``ggnd stability`` and ``ggnd finetune`` across processes, GPUs and nodes with ``torch.distributed``.
 
 torchrun (or ``srun`` with torchrun's variables) starts one process per device and sets ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`from_environment` joins the
@@ -15,6 +15,9 @@ runs only those, with any number of ranks.
 Control messages use a gloo process group even when the MD runs on nccl: a CPU barrier with a long
 timeout (ranks finish their shards hours apart in a large study) that fails at once, instead of hanging,
 when a peer process is gone.
+
+``ggnd finetune`` uses the same rendezvous and wraps the model in ``DistributedDataParallel``
+(:mod:`ggnd_plugin.training`).
 """
 
 from __future__ import annotations
@@ -112,8 +115,13 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def from_environment(device: torch.device) -> Ranks | None:
-    """Join the torchrun job described by the environment; None when this is a single process."""
+def from_environment(device: torch.device, stop_on_sigterm: bool = True) -> Ranks | None:
+    """Join the torchrun job described by the environment; None when this is a single process.
+
+    ``stop_on_sigterm``: SIGTERM (torchrun stopping the job because a rank failed, or a cancelled
+    scheduler job) sets a flag that :meth:`Ranks.should_stop` reports, so the stability loop can save
+    its checkpoint first; without it SIGTERM ends the process as usual.
+    """
     if not launched():
         return None
     import torch.distributed as dist
@@ -134,5 +142,6 @@ def from_environment(device: torch.device) -> Ranks | None:
             backend=backend, init_method="env://", device_id=device if backend == "nccl" else None
         )
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    signal.signal(signal.SIGTERM, _on_stop)
+    if stop_on_sigterm:
+        signal.signal(signal.SIGTERM, _on_stop)
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, backend, device, control)
