@@ -28,8 +28,12 @@ def compile_blocks(model: nn.Module, dynamic: bool = True, **options) -> int:
 
     Call it on the model that will run (a deep copy drops the compiled call: TorchSim and ASE wrappers
     copy the model they are given, so compile the copy inside the wrapper). Version-1 blocks (files of
-    ggnd-plugin 0.1.0) are left as they are.
+    ggnd-plugin 0.1.0) are left as they are. The backend is TorchInductor unless ``backend=`` or the
+    environment variable ``GGND_COMPILE_BACKEND`` (e.g. ``aot_eager``: trace without generating kernels,
+    for tests) says otherwise.
     """
+    import os
+
     import torch
 
     from ggnd_plugin.block import GGNDBlock
@@ -38,6 +42,7 @@ def compile_blocks(model: nn.Module, dynamic: bool = True, **options) -> int:
     # a process (models, batch sizes) against one recompilation limit (8 by default); past it, calls fall
     # back to the plain path without a word. A study with a few models needs more.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    options.setdefault("backend", os.environ.get("GGND_COMPILE_BACKEND", "inductor"))
     count = 0
     for module in model.modules():
         if type(module) is GGNDBlock:

@@ -159,3 +159,40 @@ def test_inductor_kernels_match_the_plain_block():
     energy, forces = energy_and_forces(block, positions, species, batch)
     assert (energy - expected[0]).abs().max() < 1e-9
     assert (forces - expected[1]).abs().max() < 1e-9
+
+
+def test_ggnd_stability_compile_runs_the_same_md(tmp_path, monkeypatch):
+    """`ggnd stability --compile` compiles the blocks of the models it runs (traced with aot_eager here,
+    Inductor by default) and gives the trajectory of the plain run."""
+    import numpy as np
+
+    pytest.importorskip("mace")
+    from ggnd_plugin.cli import main
+
+    adapter, _, model = _upgraded("mace")
+    path = adapter.save(model, tmp_path / "mace-ggnd.model")
+    frames = str(FRAMES)
+    monkeypatch.setenv("GGND_COMPILE_BACKEND", "aot_eager")
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for flag in ([], ["--compile"]):
+        counters.clear()
+        out = tmp_path / ("compiled" if flag else "plain")
+        argv = ["stability", str(path), "--start", frames, "--reference", frames, "--replicas", "2"]
+        argv += [
+            "--time-ps",
+            "0.005",
+            "--record-every",
+            "1",
+            "--out",
+            str(out),
+            "--no-plots",
+            "--no-progress",
+        ]
+        assert main(argv + flag) == 0
+        runs[bool(flag)] = np.load(out / "timeseries.npz")
+        assert (counters["stats"]["unique_graphs"] > 0) == bool(flag)  # the blocks ran compiled
+    assert sorted(runs[True].files) == sorted(runs[False].files)
+    for key in runs[False].files:
+        assert np.allclose(runs[True][key], runs[False][key], rtol=1e-9, atol=1e-9), key

@@ -98,6 +98,12 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run stopped in --out")
     parser.add_argument("--host", default="auto", type=v.HOST, help=HOST_HELP)
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the models' GGND blocks through torch.compile (fused kernels for MD; the first steps "
+        "compile, minutes on a small CPU; docs/block.md)",
+    )
+    parser.add_argument(
         "--autobatch",
         action="store_true",
         help="size batches by memory with TorchSim's InFlightAutoBatcher: waiting replicas join as others fail "
@@ -169,8 +175,11 @@ def _names(paths: list[Path]) -> list[str]:
     return names
 
 
-def load_models(paths: list[Path], host: str, device, dtype, start_frames) -> dict:
-    """name -> TorchSim model for each model file, through the host adapters."""
+def load_models(paths: list[Path], host: str, device, dtype, start_frames, compile: bool = False) -> dict:
+    """name -> TorchSim model for each model file, through the host adapters.
+
+    ``compile``: the GGND blocks inside each TorchSim model (the copy that runs) use compiled kernels.
+    """
     from ggnd_plugin.registry import resolve
 
     models = {}
@@ -186,6 +195,11 @@ def load_models(paths: list[Path], host: str, device, dtype, start_frames) -> di
             ) from error
         adapter.check_structures(model, start_frames, f"start frames for {path.name}")
         models[name] = adapter.torchsim_model(model, device=str(device), dtype=dtype)
+        if compile:
+            from ggnd_plugin.block_compile import compile_blocks
+
+            if not compile_blocks(models[name]):
+                print(f"{path.name}: no version-2 GGND block to compile (runs as it is)")
     return models
 
 
@@ -289,7 +303,7 @@ def run(args) -> int:
             all_start = [atoms for frames in start_frames.values() for atoms in frames]
         reference = read_structures(args.reference)
         dtype = getattr(torch, args.dtype)
-        models = load_models(args.models, args.host, device, dtype, all_start)
+        models = load_models(args.models, args.host, device, dtype, all_start, compile=args.compile)
         sources = {
             "start": ", ".join(str(p) for p in args.start),
             "reference": f"{args.reference} ({len(reference)} frames)",
