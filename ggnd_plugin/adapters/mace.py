@@ -113,8 +113,6 @@ class GGNDMACE(nn.Module):
         compute_atomic_stresses: bool = False,
         lammps_mliap: bool = False,
     ) -> dict[str, Tensor | None]:
-        from mace.modules.utils import get_outputs
-
         if compute_edge_forces or compute_atomic_stresses or lammps_mliap:
             raise NotImplementedError(
                 "a MACE model with GGND has no per-edge decomposition: edge forces, atomic stresses and "
@@ -140,7 +138,7 @@ class GGNDMACE(nn.Module):
         atom_energy = self.ggnd(out[FEATURE_FIELD], moved, species, pairs, batch=batch, cell=cell)
         ggnd_energy = system_energy(atom_energy, batch, num_graphs).to(out["energy"].dtype)
         energy = out["energy"] + ggnd_energy
-        forces, virials, stress, hessian, _ = get_outputs(
+        forces, virials, stress, hessian, _ = _derivatives(
             energy=energy,
             positions=positions,
             displacement=displacement,
@@ -164,6 +162,20 @@ class GGNDMACE(nn.Module):
             hessian=hessian,
         )
         return result
+
+
+@torch.compiler.disable
+def _derivatives(**kwargs: Any) -> tuple:
+    """MACE's ``get_outputs``, always run eagerly.
+
+    MACE's compile recipe lets Dynamo trace ``autograd.grad`` into the graph, which is only right when
+    the energy and the positions sit in one graph. The GGND block breaks the graph (pair lists have
+    data-dependent sizes), so a traced gradient would see the energy as an input unrelated to the
+    positions and return zero forces; run eagerly, the derivative follows the real autograd graph.
+    """
+    from mace.modules.utils import get_outputs
+
+    return get_outputs(**kwargs)
 
 
 def _periodic_cell(
