@@ -12,7 +12,19 @@ stay gentle): throughput does not depend on the weights. Usage::
 
     .venv/bin/python benchmarks/replica_throughput.py [--steps 20] [--threads 1] [--sizes 1 4 16 64]
 
-Writes benchmarks/results/replica_throughput.json.
+Writes benchmarks/results/replica_throughput.json. Two more sections are measured on their own and
+added to that file (the rest of it is kept):
+
+* ``--section autobatching``: replica-steps per second of one ``run_stability`` with every replica in one
+  batch, with fixed memory-sized batches (TorchSim's ``BinningAutoBatcher``: each bin runs until its
+  last replica ends) and with TorchSim's ``InFlightAutoBatcher`` (waiting replicas take the place of
+  those that fail or finish), at the same emulated memory limit (``--max-batch-atoms``: this CPU has no
+  device memory to measure, see docs/scale.md). Two systems: 200 replicas of 3BPA (a small MACE with
+  Morse bonds added, so replicas fail at temperature-dependent times) and periodic fcc argon
+  (Lennard-Jones, 108 atoms, RDF criterion; hot replicas melt).
+* ``--section scaling``: ``ggnd stability`` under ``torchrun`` with 1 and 2 CPU ranks (gloo), the same
+  replicas; MD replica-steps per second (start-up removed by differencing two horizons) and the
+  parallel efficiency.
 """
 
 from __future__ import annotations
@@ -147,14 +159,325 @@ def measure(label, ts_model, calculator, start, reference, sizes, steps):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------
+# --section autobatching
+# ---------------------------------------------------------------------------------------------------
+def build_small_mace(dtype=torch.float64):
+    """MACE with 16x0e+16x1o, max_ell 1, 2 layers (random weights): ~180 replica-steps/s here."""
+    from e3nn import o3
+    from mace import modules
+
+    torch.manual_seed(0)
+    interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+    model = modules.ScaleShiftMACE(
+        r_max=5.0,
+        num_bessel=8,
+        num_polynomial_cutoff=5,
+        max_ell=1,
+        interaction_cls=interaction,
+        interaction_cls_first=interaction,
+        num_interactions=2,
+        num_elements=4,
+        hidden_irreps=o3.Irreps("16x0e+16x1o"),
+        MLP_irreps=o3.Irreps("16x0e"),
+        atomic_energies=np.zeros(4),
+        avg_num_neighbors=12.0,
+        atomic_numbers=[1, 6, 7, 8],
+        correlation=2,
+        gate=torch.nn.functional.silu,
+        atomic_inter_scale=0.01,
+        atomic_inter_shift=0.0,
+    )
+    return model.to(dtype).eval()
+
+
+def summed(*models):
+    """A TorchSim model whose energy and forces are those of ``models`` added; ``.sizes`` records the
+    number of systems of each call (the batch occupancy)."""
+    from torch_sim.models.interface import ModelInterface
+
+    class Summed(ModelInterface):
+        def __init__(self):
+            super().__init__()
+            self.parts = torch.nn.ModuleList(models)
+            self._device, self._dtype = models[0].device, models[0].dtype
+            self._compute_forces, self._compute_stress = True, False
+            self.sizes: list[int] = []
+
+        def forward(self, state, **_):
+            self.sizes.append(state.n_systems)
+            outputs = [part(state) for part in self.parts]
+            return {
+                "energy": sum(o["energy"].detach() for o in outputs),
+                "forces": sum(o["forces"].detach() for o in outputs),
+            }
+
+    return Summed()
+
+
+def _batching_runs(make_model, start, reference, protocol, max_atoms, label):
+    from ggnd_plugin.md.stability import Batching, run_stability
+
+    rows, reference_rows = [], None
+    for mode, name in (
+        ("off", "one batch (all replicas)"),
+        ("binning", "fixed batches (BinningAutoBatcher)"),
+        ("in-flight", "autobatched (InFlightAutoBatcher)"),
+    ):
+        model = make_model()
+        batching = Batching(mode, None if mode == "off" else max_atoms)
+        result = run_stability({"m": model}, start, reference, protocol, progress=False, batching=batching)
+        times = [row["stability_ps"] for row in result.rows]
+        reference_rows = reference_rows or times
+        steps, seconds = result.execution["replica_steps"], result.execution["seconds"]
+        sizes = model.sizes[1:] if mode == "off" else model.sizes
+        rows.append(
+            {
+                "system": label,
+                "batching": name,
+                "max_batch_atoms": None if mode == "off" else max_atoms,
+                "largest_batch_replicas": max(sizes),
+                "force_calls": len(sizes),
+                "mean_replicas_per_force_call": round(float(np.mean(sizes)), 2),
+                "replica_steps": steps,
+                "seconds": round(seconds, 2),
+                "replica_steps_per_s": round(steps / seconds, 2),
+                "failed": sum(row["failed"] for row in result.rows),
+                "same_stability_times_as_one_batch": times == reference_rows,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def autobatching_section(args) -> dict:
+    from ase.build import bulk
+    from ase.io import read
+    from torch_sim.models.lennard_jones import LennardJonesModel
+    from torch_sim.models.mace import MaceModel
+
+    from ggnd_plugin.md.metrics import reference_bonds
+    from ggnd_plugin.md.reference_models import bonded_morse_model
+    from ggnd_plugin.md.stability import StabilityProtocol
+
+    torch.set_num_threads(args.threads)
+    start = read(DATA / "test_300K.xyz", index=":200")
+    reference = read(DATA / "train_300K.xyz", index=":100")
+    bonds = reference_bonds(reference)
+    host = build_small_mace()
+    molecule = StabilityProtocol(
+        temperatures=(300.0, 2000.0, 3500.0, 5000.0),
+        replicas=args.molecule_replicas // 4,
+        time_ps=0.2,
+        seed=0,
+    )
+    molecule_rows = _batching_runs(
+        lambda: summed(
+            MaceModel(host, device=torch.device("cpu"), dtype=torch.float64, compute_stress=False),
+            bonded_morse_model(*bonds),
+        ),
+        start,
+        reference,
+        molecule,
+        args.molecule_batch * 27,
+        f"3BPA, {molecule.replicas * 4} replicas",
+    )
+
+    crystal = bulk("Ar", "fcc", a=5.26, cubic=True).repeat(3)  # 108 atoms
+
+    def rattled(n, amplitude, first_seed):
+        frames = []
+        for seed in range(n):
+            frame = crystal.copy()
+            frame.rattle(amplitude, seed=first_seed + seed)
+            frames.append(frame)
+        return frames
+
+    argon = StabilityProtocol(
+        temperatures=(120.0, 200.0, 300.0, 400.0),
+        replicas=args.crystal_replicas // 4,
+        time_ps=1.0,
+        timestep_fs=4.0,
+        rdf_window_ps=0.2,
+        rdf_every_steps=5,
+        rdf_bins=30,
+        seed=0,
+    )
+
+    def lennard_jones():
+        return summed(
+            LennardJonesModel(
+                sigma=3.405, epsilon=0.0104, cutoff=6.0, dtype=torch.float64, compute_stress=False
+            )
+        )
+
+    crystal_rows = _batching_runs(
+        lennard_jones,
+        rattled(12, 0.02, 0),
+        rattled(20, 0.12, 100),  # reference g(r) broadened as a crystal near 100 K
+        argon,
+        args.crystal_batch * 108,
+        f"fcc argon 3x3x3 (108 atoms, periodic), {argon.replicas * 4} replicas",
+    )
+    return {
+        "what": "replica-steps per second of one run_stability: every replica in one batch, fixed memory-sized "
+        "batches run one after another (BinningAutoBatcher), and a batch refilled as replicas fail or "
+        "finish (InFlightAutoBatcher), at the same memory limit",
+        "memory_limit": "emulated: max_batch_atoms (TorchSim's max_memory_scaler with memory_scales_with="
+        "'n_atoms'); TorchSim measures a device's memory only on CUDA, and this machine has no GPU",
+        "systems": {
+            "3BPA": "MACE 16x0e+16x1o, L=1, 2 layers, random weights (scaled down) plus Morse bonds (4 eV) on the "
+            "28 reference bonds, so replicas fail at temperature-dependent times; NVE 1 fs, 0.2 ps, "
+            f"300/2000/3500/5000 K, bond criterion; batches of at most {args.molecule_batch} replicas",
+            "argon": "TorchSim LennardJonesModel (sigma 3.405 Å, epsilon 0.0104 eV, cutoff 6 Å), fcc 3x3x3, NVE 4 fs, "
+            "1 ps, 120/200/300/400 K, RDF criterion (30 bins, 0.2 ps window, reference rattled by 0.12 Å); "
+            f"batches of at most {args.crystal_batch} replicas",
+        },
+        "device": "CPU, 1 thread, float64 (no GPU lent)",
+        "load_average_during": list(os.getloadavg()),
+        "results": molecule_rows + crystal_rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# --section scaling
+# ---------------------------------------------------------------------------------------------------
+def _torchrun_stability(model_file, out, ranks, replicas, steps) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of torchrun and its ranks) of one ``ggnd stability`` job."""
+    import resource
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+    command += ["--", "-m", "ggnd_plugin.cli", "stability", str(model_file)]
+    command += ["--start", str(DATA / "test_300K.xyz"), "--reference", str(DATA / "train_300K.xyz")]
+    command += [
+        "--temperature",
+        "300",
+        "600",
+        "--replicas",
+        str(replicas // 2),
+        "--time-ps",
+        str(steps / 1000),
+    ]
+    command += ["--threshold", "100", "--no-plots", "--no-progress", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def cpu():
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every waited-for descendant
+        return usage.ru_utime + usage.ru_stime
+
+    cpu_before, began = cpu(), time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    elapsed, cpu_seconds = time.perf_counter() - began, cpu() - cpu_before
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    return elapsed, cpu_seconds
+
+
+def scaling_section(args) -> dict:
+    import tempfile
+
+    from ggnd_plugin.registry import get
+
+    adapter = get("mace")
+    rows = []
+    short, long = 20, 20 + args.scaling_steps
+    with tempfile.TemporaryDirectory() as folder:
+        model_file = adapter.save(build_small_mace(), Path(folder) / "small.model")
+        for repeat in range(args.repeats):
+            rates, cpu_costs = {}, {}
+            for ranks in (1, 2):
+                (wall_short, cpu_short), (wall_long, cpu_long) = (
+                    _torchrun_stability(
+                        model_file, Path(folder) / f"{repeat}-{ranks}-{n}", ranks, args.scaling_replicas, n
+                    )
+                    for n in (short, long)
+                )
+                replica_steps = args.scaling_replicas * args.scaling_steps
+                rates[ranks] = replica_steps / (wall_long - wall_short)
+                cpu_costs[ranks] = 1000 * (cpu_long - cpu_short) / replica_steps
+                rows.append(
+                    {
+                        "repeat": repeat,
+                        "ranks": ranks,
+                        "replicas": args.scaling_replicas,
+                        "command_seconds_short_long": [round(wall_short, 1), round(wall_long, 1)],
+                        "md_replica_steps_per_s": round(rates[ranks], 2),
+                        "efficiency": round(rates[ranks] / (ranks * rates[1]), 3),
+                        "md_cpu_ms_per_replica_step": round(cpu_costs[ranks], 3),
+                        "cpu_efficiency": round(cpu_costs[1] / cpu_costs[ranks], 3),
+                        "load_average_after": round(os.getloadavg()[0], 2),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+
+    def median(key, ranks):
+        return float(np.median([r[key] for r in rows if r["ranks"] == ranks]))
+
+    rate = {ranks: median("md_replica_steps_per_s", ranks) for ranks in (1, 2)}
+    cost = {ranks: median("md_cpu_ms_per_replica_step", ranks) for ranks in (1, 2)}
+    return {
+        "what": "ggnd stability under torchrun --standalone --nproc-per-node N (gloo, one thread per rank): "
+        "the replicas sharded over the ranks; MD replica-steps per second from the difference of two horizons "
+        f"({short} and {long} steps: start-up, model loading and result writing cancel), efficiency = rate(N) "
+        "/ (N rate(1)) within a repeat. CPU milliseconds per replica-step (user + system time of torchrun and "
+        "its ranks, same differencing) measure the work the ranks add, which other jobs on the shared cores "
+        "do not change much; cpu_efficiency = cost(1) / cost(N)",
+        "system": "3BPA, 300 and 600 K, NVE 1 fs, no failures (threshold 100 Å: every replica runs the horizon)",
+        "host_model": "MACE 16x0e+16x1o, L=1, 2 layers, random weights, float64, loaded from a .model file "
+        "through the MACE adapter",
+        "machine": f"{os.cpu_count()} CPU cores shared with other developers' jobs (load averages recorded); "
+        "no GPU lent",
+        "results": rows,
+        "median_md_replica_steps_per_s": rate,
+        "median_efficiency_2_ranks": round(rate[2] / (2 * rate[1]), 3),
+        "median_md_cpu_ms_per_replica_step": cost,
+        "median_cpu_efficiency_2_ranks": round(cost[1] / cost[2], 3),
+    }
+
+
+def add_section(path: Path, name: str, section: dict) -> None:
+    """Add (or replace) one top-level key of the results file, keeping everything else in it."""
+    from ggnd_plugin.safe_io import atomic_write_text
+
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record[name] = section
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    print(f"wrote section '{name}' of {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--steps", type=int, default=10, help="timed MD steps per measurement")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULT)
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out (or the --section) if it exists"
+    )
+    parser.add_argument(
+        "--section",
+        choices=("batched-vs-ase", "autobatching", "scaling"),
+        default="batched-vs-ase",
+        help="what to measure: batched-vs-ase writes the file; the others add their section to it",
+    )
+    parser.add_argument("--molecule-replicas", type=int, default=200)
+    parser.add_argument("--molecule-batch", type=int, default=32, help="replicas per batch (memory limit)")
+    parser.add_argument("--crystal-replicas", type=int, default=16)
+    parser.add_argument("--crystal-batch", type=int, default=4, help="replicas per batch (memory limit)")
+    parser.add_argument("--scaling-replicas", type=int, default=32)
+    parser.add_argument("--scaling-steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3, help="scaling: measurements of 1 and 2 ranks")
     args = parser.parse_args(argv)
+    if args.section != "batched-vs-ase":
+        key = {"autobatching": "autobatching", "scaling": "rank_scaling"}[args.section]
+        if args.out.exists() and key in json.loads(args.out.read_text()) and not args.overwrite:
+            parser.error(f"{args.out} already has a '{key}' section; pass --overwrite to replace it")
+        torch.set_default_dtype(torch.float64)
+        section = autobatching_section(args) if args.section == "autobatching" else scaling_section(args)
+        add_section(args.out, key, section)
+        return
     if args.out.exists() and not args.overwrite:  # before the imports and the measuring
         parser.error(f"{args.out} already exists; pass --overwrite to replace it")
 

@@ -163,3 +163,24 @@ def test_device_and_backend_checks():
     assert rank_device(torch.device("cpu"), 3) == torch.device("cpu")
     with pytest.raises(GGNDError, match="give --device cuda, and each rank uses cuda:LOCAL_RANK"):
         rank_device(torch.device("cuda", 1), 0)
+
+
+def test_baseline_reaches_the_report(model_file, tmp_path, monkeypatch):
+    """--baseline names the model the comparison table is made against (the report's baseline=)."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    import distributed_driver
+
+    from ggnd_plugin import registry
+
+    monkeypatch.setattr(registry, "resolve", lambda host, path: distributed_driver.CountingAdapter())
+    second = tmp_path / "other.pt"
+    second.write_bytes(model_file.read_bytes())
+    out = tmp_path / "run"
+    arguments = _stability(model_file, out, "--time-ps", "0.05")
+    arguments.insert(2, str(second))
+    assert main([*arguments, "--baseline", "other"]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert record["statistics"]["baseline"] == "other"
+    assert {row["model"] for row in record["replicas"]} == {"bonded", "other"}
+    assert main([*arguments, "--resume", "--baseline", "bonded"]) == 0
+    assert json.loads((out / "results.json").read_text())["statistics"]["baseline"] == "bonded"

@@ -832,10 +832,10 @@ class _ModelRun:
                     return
                 kept = len(self.active)
                 newcomers = [order[k] for k in batcher.current_idx[kept:]]
+                # the bookkeeping here follows the batcher's order (kept systems, then new ones); a
+                # TorchSim version that reorders would silently mix up replicas
                 if [order[k] for k in batcher.current_idx[:kept]] != self.active:
-                    raise RuntimeError(
-                        "TorchSim's InFlightAutoBatcher reordered the batch"
-                    )  # a TorchSim change
+                    raise RuntimeError("TorchSim's InFlightAutoBatcher reordered the batch")
                 leaving = self._activate(newcomers, state)
             if not self.active:
                 return
@@ -851,10 +851,8 @@ class _ModelRun:
         """
         first = len(self.active)
         n = first + len(members)
-        if state.n_atoms != n * self.n_atoms:
-            raise RuntimeError(
-                f"batch of {state.n_systems} systems holds {state.n_atoms} atoms"
-            )  # a TorchSim change
+        if state.n_atoms != n * self.n_atoms:  # per-replica rows are sliced by position below
+            raise RuntimeError(f"batch of {state.n_systems} systems holds {state.n_atoms} atoms")
         self.state = state
         fresh = [p for p, i in enumerate(members, start=first) if i not in self.saved]
         if fresh and not evaluated:
