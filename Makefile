@@ -4,20 +4,36 @@ VENV := .venv
 PY := $(VENV)/bin/python
 UV_VERSION := 0.13.9
 
-.PHONY: demo test lint bench env lock clean-env check-install
+.PHONY: demo test test-slow test-all lint bench env lock clean-env check-install
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/ggnd demo
 
 # One pytest process per test file: the hosts change process-wide state (e3nn's scripting defaults,
 # TorchScript caches), and MACE models built after NequIP training in the same process could not be
-# pickled. Any failing file (or one that collects no tests, pytest's exit 5) fails the target.
+# pickled. Any failing file, or one that runs no test (pytest's exit 5), fails the target.
+# `make test` (the README's command, run by CI) leaves out the tests marked slow: compiling models with
+# inductor / AOTInductor (nequip-compile), the hosts' own training CLIs end to end, long MD. They take
+# about as long again; `make test-slow` runs them (before a release, and after touching block_compile,
+# an adapter's compile or fit path, or the stability runner). `make test-all` runs both.
+TEST_FILES := $(wildcard tests/test_*.py)
+SLOW_TEST_FILES = $(shell grep -l "mark.slow" tests/test_*.py)
+
+define run_pytest_per_file
+	@failed=""; for file in $(1); do \
+	  echo "== $$file"; $(PY) -m pytest $$file -m "$(2)" || failed="$$failed $$file"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi; echo "all test files passed ($(2))"
+endef
+
 test: $(VENV)/.installed
 	$(PY) -m ruff check ggnd_plugin tests benchmarks examples
-	@failed=""; for file in tests/test_*.py; do \
-	  echo "== $$file"; $(PY) -m pytest $$file || failed="$$failed $$file"; \
-	done; \
-	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi; echo "all test files passed"
+	$(call run_pytest_per_file,$(TEST_FILES),not slow)
+
+test-slow: $(VENV)/.installed
+	$(call run_pytest_per_file,$(SLOW_TEST_FILES),slow)
+
+test-all: test test-slow
 
 # Every install route of the README (base, each extra, all hosts) from a wheel and sdist built from this
 # checkout, each in a fresh venv made with uv (.ci/check_install.py; --resolve fresh to resolve against

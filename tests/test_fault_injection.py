@@ -325,7 +325,6 @@ def _trainers_of(work: Path) -> list[int]:
     return pids
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("host", ["mace", "nequip", "schnetpack"])
 def test_host_fit_killed_restarts_from_scratch_to_the_clean_model(host, tmp_path):
     from ase.io import write
