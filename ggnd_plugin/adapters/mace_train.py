@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import logging
 import os
-import subprocess
 import sys
 import typing
 from collections.abc import Iterator, Sequence
@@ -458,44 +456,20 @@ def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label
     MACE logs one ``Epoch N:`` line per validation; those lines drive a progress bar, so a long fit
     shows where it is without flooding the terminal with MACE's own log.
     """
-    import re
-
-    from tqdm import tqdm
-
-    from ggnd_plugin.host_fit import die_with_parent
+    from ggnd_plugin.host_fit import run_trainer
 
     work_dir.mkdir(parents=True, exist_ok=True)
     log = work_dir / FIT_LOG
-    epoch_line = re.compile(r"Epoch (\d+):.*?loss=\s*([0-9.eE+-]+)")
-    with open(log, "w") as handle, tqdm(total=epochs, desc=f"{label} (mace_run_train)", unit="epoch") as bar:
-        handle.write(json.dumps(command) + "\n")
-        handle.flush()
-        # Unbuffered, so each epoch line arrives when MACE logs it rather than when a pipe buffer fills.
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            text=True,
-            preexec_fn=die_with_parent,
-        )
-        assert process.stdout is not None
-        try:
-            for line in process.stdout:
-                handle.write(line)
-                match = epoch_line.search(line)
-                if match:
-                    bar.update(int(match.group(1)) + 1 - bar.n)
-                    bar.set_postfix(valid_loss=float(match.group(2)))
-            returncode = process.wait()
-        finally:
-            if process.poll() is None:  # interrupted (Ctrl-C): do not leave the training running
-                process.terminate()
-                process.wait()
-    if returncode != 0:
-        tail = log.read_text().splitlines()[-15:]
-        raise GGNDError(f"ggnd-mace-train failed (exit {returncode}); end of {log}:\n" + "\n".join(tail))
+    # Unbuffered, so each epoch line arrives when MACE logs it rather than when a pipe buffer fills.
+    run_trainer(
+        command,
+        log,
+        trainer="ggnd-mace-train",
+        label=label,
+        epochs=epochs,
+        epoch_line=r"Epoch (\d+):.*?loss=\s*(?P<loss>[0-9.eE+-]+)",
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
 
 
 if __name__ == "__main__":

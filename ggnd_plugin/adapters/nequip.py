@@ -404,13 +404,9 @@ def run_nequip_train(
     drive a progress bar.
     """
     import os
-    import re
-    import subprocess
     import sys
 
-    from tqdm import tqdm
-
-    from ggnd_plugin.host_fit import die_with_parent
+    from ggnd_plugin.host_fit import run_trainer
 
     config_path = Path(config_path).resolve()
     work_dir = Path(work_dir).resolve()
@@ -426,39 +422,17 @@ def run_nequip_train(
         config_path.stem,
         f"hydra.run.dir={work_dir}",
     ]
-    epoch_line = re.compile(r"Epoch (\d+), global step \d+: ")
-    best_value = re.compile(r"\(best ([0-9.eE+-]+)\)")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log, "w") as handle, tqdm(total=epochs, desc=f"{label} (nequip-train)", unit="epoch") as bar:
-        handle.write(" ".join(command) + "\n")
-        handle.flush()
-        process = subprocess.Popen(
-            command,
-            cwd=work_dir,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            text=True,
-            preexec_fn=die_with_parent,
-        )
-        assert process.stdout is not None
-        try:
-            for line in process.stdout:
-                handle.write(line)
-                match = epoch_line.search(line)
-                if match:
-                    bar.update(int(match.group(1)) + 1 - bar.n)
-                    best = best_value.search(line)
-                    if best:
-                        bar.set_postfix(best_valid=float(best.group(1)))
-            returncode = process.wait()
-        finally:
-            if process.poll() is None:  # interrupted (Ctrl-C): do not leave the training running
-                process.terminate()
-                process.wait()
-    if returncode != 0:
-        tail = log.read_text().splitlines()[-15:]
-        raise GGNDError(f"nequip-train failed (exit {returncode}); end of {log}:\n" + "\n".join(tail))
+    run_trainer(
+        command,
+        log,
+        trainer="nequip-train",
+        label=label,
+        epochs=epochs,
+        epoch_line=r"Epoch (\d+), global step \d+: (?:.*?\(best (?P<loss>[0-9.eE+-]+)\))?",
+        cwd=work_dir,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        header=" ".join(command),
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -371,7 +371,7 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 # One line per validation from the checkpoint callback (made verbose by fit_command):
 # "Epoch 3, global step 36: 'val_loss' reached 0.51 (best 0.51), ..." or "... was not in top 1".
-_EPOCH_LINE = r"^Epoch (\d+), global step \d+: 'val_loss' (?:reached ([0-9.eE+-]+))?"
+_EPOCH_LINE = r"^Epoch (\d+), global step \d+: 'val_loss' (?:reached (?P<loss>[0-9.eE+-]+))?"
 
 
 def _spktrain_executable() -> list[str]:
@@ -493,18 +493,12 @@ def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label
     gets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``: spktrain reloads its own Lightning checkpoint, which
     pickles the model, for its test stage (see docs/hosts/schnetpack.md).
     """
-    import json
-    import re
-    import subprocess
 
-    from tqdm import tqdm
-
-    from ggnd_plugin.host_fit import die_with_parent
+    from ggnd_plugin.host_fit import run_trainer
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     log = work_dir / FIT_LOG
-    epoch_line = re.compile(_EPOCH_LINE)
     env = dict(
         os.environ,
         TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1",
@@ -512,35 +506,17 @@ def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label
         HYDRA_FULL_ERROR="1",
         PWD=str(work_dir),  # hydra searches ${oc.env:PWD}/configs; not the caller's folder
     )
-    with open(log, "w") as handle, tqdm(total=epochs, desc=f"{label} (spktrain)", unit="epoch") as bar:
-        handle.write(json.dumps(command) + "\n")
-        handle.flush()
-        process = subprocess.Popen(
-            command,
-            cwd=work_dir,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            text=True,
-            preexec_fn=die_with_parent,
-        )
-        assert process.stdout is not None
-        try:
-            for line in process.stdout:
-                handle.write(line)
-                match = epoch_line.search(line)
-                if match:
-                    bar.update(int(match.group(1)) + 1 - bar.n)
-                    if match.group(2):
-                        bar.set_postfix(valid_loss=float(match.group(2)))
-            returncode = process.wait()
-        finally:
-            if process.poll() is None:  # interrupted (Ctrl-C): do not leave the training running
-                process.terminate()
-                process.wait()
-    if returncode != 0:
-        tail = log.read_text().splitlines()[-20:]
-        raise GGNDError(f"spktrain failed (exit {returncode}); end of {log}:\n" + "\n".join(tail))
+    run_trainer(
+        command,
+        log,
+        trainer="spktrain",
+        label=label,
+        epochs=epochs,
+        epoch_line=_EPOCH_LINE,
+        cwd=work_dir,
+        env=env,
+        tail_lines=20,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
