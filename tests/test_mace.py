@@ -23,7 +23,7 @@ from ggnd_plugin.adapters.mace import GGNDMACE, MACEAdapter, sniff_model_file  #
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
 from ggnd_plugin.errors import GGNDError  # noqa: E402
 
-DATA = Path("/work/shared/data/3bpa")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "3bpa"  # ../shared beside the checkout
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "data"
 E3NN044_MODEL = FIXTURES / "mace_e3nn044.model"
@@ -32,7 +32,7 @@ ELEMENTS = [1, 6, 7, 8]
 CONFIG = GGNDConfig(channels=8, heads=2, steps=2)
 PERIODIC_CONFIG = GGNDConfig(channels=8, heads=2, steps=2, r_g=5.0)
 
-pytestmark = pytest.mark.skipif(not DATA.exists(), reason="3BPA data not found at /work/shared/data/3bpa")
+pytestmark = pytest.mark.skipif(not DATA.exists(), reason="3BPA data not found at ../shared/data/3bpa")
 
 
 def tiny_mace(seed: int = 0):

@@ -23,14 +23,14 @@ from ggnd_plugin.adapters.nequip import NequIPAdapter  # noqa: E402
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
 from ggnd_plugin.errors import GGNDError  # noqa: E402
 
-DATA = Path("/work/shared/data/3bpa")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "3bpa"  # ../shared beside the checkout
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = REPO / "tests" / "data" / "nequip_ggnd_train.yaml"
 FINETUNE_CONFIG = REPO / "tests" / "data" / "nequip_ggnd_finetune.yaml"
 BIN = Path(sys.executable).parent
 CONFIG = GGNDConfig(channels=8, heads=2, steps=2)
 
-pytestmark = pytest.mark.skipif(not DATA.exists(), reason="3BPA data not found at /work/shared/data/3bpa")
+pytestmark = pytest.mark.skipif(not DATA.exists(), reason="3BPA data not found at ../shared/data/3bpa")
 
 
 def _tiny_model():

@@ -25,7 +25,7 @@ from ggnd_plugin.block import GGNDConfig  # noqa: E402
 from ggnd_plugin.data import read_labelled  # noqa: E402
 from ggnd_plugin.errors import GGNDError  # noqa: E402
 
-DATA = Path("/work/shared/data/3bpa")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "3bpa"  # ../shared beside the checkout
 PYTHON = sys.executable
 CUTOFF = 4.0
 ELEMENTS = [1, 6, 7, 8]

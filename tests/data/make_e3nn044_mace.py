@@ -8,7 +8,7 @@ environment (not the project's), e.g.:
     /tmp/venv-e3nn044/bin/python -m pip install uv
     /tmp/venv-e3nn044/bin/python -m uv pip install --python /tmp/venv-e3nn044/bin/python \
         torch==2.13.0 mace-torch==0.3.16 e3nn==0.4.4
-    /tmp/venv-e3nn044/bin/python tests/data/make_e3nn044_mace.py /work/shared/data/3bpa
+    /tmp/venv-e3nn044/bin/python tests/data/make_e3nn044_mace.py ../shared/data/3bpa
 
 The predictions are MACE's own (MACECalculator) on three 3BPA frames, in float64.
 """
@@ -80,4 +80,10 @@ def main(data_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data/3bpa"))
+    main(
+        Path(
+            sys.argv[1]
+            if len(sys.argv) > 1
+            else Path(__file__).resolve().parents[3] / "shared" / "data" / "3bpa"
+        )
+    )
