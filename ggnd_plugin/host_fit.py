@@ -68,7 +68,10 @@ def run_trainer(
     ``epoch_line`` is a regular expression for the trainer's line at the end of an epoch: group 1 the
     epoch (counted from 0), and a group named ``loss``, when it matched, the validation figure shown next
     to the bar. A failed trainer raises :class:`GGNDError` with the end of its log; Ctrl-C stops it.
+    The trainer runs unbuffered (added to ``env``, default this process's environment), so each epoch
+    line arrives when it is logged rather than when a pipe buffer fills.
     """
+    import os
     import subprocess
 
     from tqdm import tqdm
@@ -84,7 +87,7 @@ def run_trainer(
             cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=dict(os.environ if env is None else env, PYTHONUNBUFFERED="1"),
             text=True,
             preexec_fn=die_with_parent,
         )

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
-import os
 import sys
 import typing
 from collections.abc import Iterator, Sequence
@@ -460,7 +459,6 @@ def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label
 
     work_dir.mkdir(parents=True, exist_ok=True)
     log = work_dir / FIT_LOG
-    # Unbuffered, so each epoch line arrives when MACE logs it rather than when a pipe buffer fills.
     run_trainer(
         command,
         log,
@@ -468,7 +466,6 @@ def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label
         label=label,
         epochs=epochs,
         epoch_line=r"Epoch (\d+):.*?loss=\s*(?P<loss>[0-9.eE+-]+)",
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
 
 

@@ -403,7 +403,6 @@ def run_nequip_train(
     The checkpoint callback logs one ``Epoch N, global step M: ...`` line per validation; those lines
     drive a progress bar.
     """
-    import os
     import sys
 
     from ggnd_plugin.host_fit import run_trainer
@@ -430,7 +429,6 @@ def run_nequip_train(
         epochs=epochs,
         epoch_line=r"Epoch (\d+), global step \d+: (?:.*?\(best (?P<loss>[0-9.eE+-]+)\))?",
         cwd=work_dir,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
         header=" ".join(command),
     )
 

@@ -493,7 +493,6 @@ def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label
     gets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``: spktrain reloads its own Lightning checkpoint, which
     pickles the model, for its test stage (see docs/hosts/schnetpack.md).
     """
-
     from ggnd_plugin.host_fit import run_trainer
 
     work_dir = Path(work_dir)
@@ -502,7 +501,6 @@ def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label
     env = dict(
         os.environ,
         TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1",
-        PYTHONUNBUFFERED="1",
         HYDRA_FULL_ERROR="1",
         PWD=str(work_dir),  # hydra searches ${oc.env:PWD}/configs; not the caller's folder
     )

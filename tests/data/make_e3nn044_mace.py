@@ -80,10 +80,5 @@ def main(data_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(
-        Path(
-            sys.argv[1]
-            if len(sys.argv) > 1
-            else Path(__file__).resolve().parents[3] / "shared" / "data" / "3bpa"
-        )
-    )
+    beside_checkout = Path(__file__).resolve().parents[3] / "shared" / "data" / "3bpa"
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else beside_checkout)
