@@ -263,40 +263,56 @@ def run(args) -> int:
     started = time.perf_counter()
     fits: dict[str, dict] = {}
     if stages & {"fit", "evaluate", "stability"}:
+        # Jobs go to the workers by priority, not in the order they become ready: every fit first
+        # (fits unlock cells), then the primary cell of every model, then the errors, then the
+        # secondary cells in the protocol's order. A run cut short by the machine then holds whole
+        # endpoints (the primary one first) rather than a little of each.
+        ready: list[tuple[tuple[int, int], str, dict, str | None, str | None]] = []
+
+        def add(kind: str, model: dict, path: str | None, cell: str | None) -> None:
+            rank = {"fit": 0, "evaluate": 2}.get(kind)
+            if kind == "stability":
+                rank = 1 if cell == PRIMARY else 3 + [c[0] for c in CELLS].index(cell)
+            ready.append(((rank, len(ready)), kind, model, path, cell))
+
+        def queue_after_fit(model: dict, path: str) -> None:
+            if "evaluate" in stages:
+                add("evaluate", model, path, None)
+            if "stability" in stages:
+                for cell, _, _ in CELLS:
+                    add("stability", model, path, cell)
+
+        workers = {"fit": fit_worker, "evaluate": evaluate_worker, "stability": stability_worker}
         context = get_context("spawn")  # torch and fork do not mix
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-            pending = {}
-            if "fit" in stages:
-                for model in models:
-                    pending[pool.submit(fit_worker, args, data, model)] = ("fit", model, None)
-            else:
-                fits = {m["name"]: _stage(args.out, f"fit-{m['name']}").read() for m in models}
-                for model in models:
-                    _queue_after_fit(pool, pending, args, data, model, fits[model["name"]]["path"], stages)
-            while pending:
-                for future in as_completed(list(pending)):
-                    kind, model, cell = pending.pop(future)
-                    result = future.result()
-                    label = model["name"] + (f" {cell}" if cell else "")
-                    _say(f"{kind} {label} done ({_brief(kind, result)}); {len(pending)} jobs left")
-                    if kind == "fit":
-                        fits[model["name"]] = result
-                        _queue_after_fit(pool, pending, args, data, model, result["path"], stages)
-                    break
+            for model in models:
+                if "fit" in stages:
+                    add("fit", model, None, None)
+                else:
+                    fits[model["name"]] = _stage(args.out, f"fit-{model['name']}").read()
+                    queue_after_fit(model, fits[model["name"]]["path"])
+            running = {}
+            while ready or running:
+                while ready and len(running) < args.jobs:
+                    ready.sort(key=lambda job: job[0])
+                    _, kind, model, path, cell = ready.pop(0)
+                    job_args = (args, data, model) + ((path,) if path else ()) + ((cell,) if cell else ())
+                    running[pool.submit(workers[kind], *job_args)] = (kind, model, cell)
+                future = next(as_completed(list(running)))
+                kind, model, cell = running.pop(future)
+                result = future.result()
+                label = model["name"] + (f" {cell}" if cell else "")
+                left = len(ready) + len(running)
+                _say(f"{kind} {label} done ({_brief(kind, result)}); {left} jobs left")
+                if kind == "fit":
+                    fits[model["name"]] = result
+                    queue_after_fit(model, result["path"])
     _say(f"stages {sorted(stages)} done in {time.perf_counter() - started:.0f} s")
     if "report" in stages:
         from study_3bpa_report import write_report
 
         write_report(args, data, models)
     return 0
-
-
-def _queue_after_fit(pool, pending, args, data, model, path, stages) -> None:
-    if "evaluate" in stages:
-        pending[pool.submit(evaluate_worker, args, data, model, path)] = ("evaluate", model, None)
-    if "stability" in stages:
-        for cell, _, _ in CELLS:
-            pending[pool.submit(stability_worker, args, data, model, path, cell)] = ("stability", model, cell)
 
 
 def _brief(kind: str, result: dict) -> str:

@@ -31,23 +31,27 @@ from study_3bpa import (
 
 
 def _arm(models, fits, cells, host: str, ggnd: bool, cell: str, seeds=SEEDS):
-    """Stability times and failure flags of one host's plain or GGND models (the given seeds pooled)."""
-    times, failed = [], []
+    """Stability times, failure flags and the cells not yet run, of one host's plain or GGND models
+    (the given seeds pooled). An arm with a cell missing is never analysed: no endpoint from part of
+    its replicas."""
+    times, failed, missing = [], [], []
     for model in models:
         if model["host"] == host and model["ggnd"] == ggnd and model["seed"] in seeds:
             record = cells.get((model["name"], cell))
             if record is None:
+                missing.append(f"{model['name']} {cell}")
                 continue
             times += [row["stability_ps"] for row in record["rows"]]
             failed += [bool(row["failed"]) for row in record["rows"]]
-    return times, failed
+    return times, failed, missing
 
 
-def _comparison(plain, ggnd) -> dict[str, Any] | None:
+def _comparison(plain, ggnd) -> dict[str, Any]:
     from ggnd_plugin.md import survival
 
-    if not plain[0] or not ggnd[0]:
-        return None
+    if plain[2] or ggnd[2] or not plain[0] or not ggnd[0]:
+        return {"status": "not run", "missing_cells": plain[2] + ggnd[2]}
+    plain, ggnd = plain[:2], ggnd[:2]
     stats = {
         "plain": survival.group_statistics(*plain, horizon=TIME_PS),
         "ggnd": survival.group_statistics(*ggnd, horizon=TIME_PS),
@@ -69,7 +73,7 @@ def _comparison(plain, ggnd) -> dict[str, Any] | None:
 
 
 def _outcome(comparison) -> str:
-    if comparison is None:
+    if "fisher" not in comparison:
         return "not run"
     p = comparison["fisher"]["p_value"]
     plain = comparison["plain"]["failure_proportion"]["proportion"]
@@ -109,7 +113,7 @@ def write_report(args, data, models) -> dict[str, Any]:
             "test": "Fisher exact, two-sided, failures within the horizon, seeds pooled",
             "alpha": ALPHA,
             "outcome": _outcome(primary),
-            **(primary or {}),
+            **primary,
         }
         secondary = {}
         for cell, _, _ in CELLS:
@@ -131,7 +135,17 @@ def write_report(args, data, models) -> dict[str, Any]:
             holm[k] = running
         for host, value in zip(HOSTS, holm, strict=True):
             endpoints["primary"][host]["fisher"]["p_holm_over_hosts"] = value
+    not_run = [
+        f"{m['name']} {cell}" for m in models for cell, _, _ in CELLS if (m["name"], cell) not in cells
+    ]
+    not_evaluated = [m["name"] for m in models if m["name"] not in errors]
     payload = {
+        "status": "complete"
+        if not not_run and not not_evaluated
+        else f"interim: {len(cells)} of {len(models) * len(CELLS)} cells run; the endpoints of the others "
+        "are reported as not run",
+        "cells_not_run": not_run,
+        "models_not_evaluated": not_evaluated,
         "protocol": PROTOCOL,
         "protocol_commit": git_commit_of(PROTOCOL),
         "smoke": SMOKE,
@@ -185,8 +199,9 @@ def plot_survival(models, fits, cells, folder: Path) -> None:
         figure, axes = plt.subplots(1, len(CELLS), figsize=(4 * len(CELLS), 3.4), sharey=True)
         for axis, (cell, temperature, start) in zip(axes, CELLS, strict=True):
             for ggnd, colour in ((False, "tab:blue"), (True, "tab:red")):
-                times, failed = _arm(models, fits, cells, host, ggnd, cell)
-                if not times:
+                times, failed, missing = _arm(models, fits, cells, host, ggnd, cell)
+                if missing or not times:
+                    axis.plot([], [], color=colour, label=f"{host}{' + GGND' if ggnd else ''}: not run")
                     continue
                 curve = survival.kaplan_meier(times, failed, horizon=TIME_PS)
                 t, s, low, high = curve.steps()
@@ -252,7 +267,10 @@ def _pct(record) -> str:
 
 def markdown(payload: dict[str, Any]) -> str:
     """The results tables of docs/results.md: the primary endpoint, then every cell, then the errors."""
-    lines = [
+    lines = []
+    if payload["status"] != "complete":
+        lines += [f"**Status: {payload['status']}.**", ""]
+    lines += [
         "### Primary endpoint: failures within 10 ps at 1200 K from the xTB 1200 K frames (seeds pooled)",
         "",
     ]
@@ -277,7 +295,7 @@ def markdown(payload: dict[str, Any]) -> str:
     ]
     for host, cells in payload["endpoints"]["secondary"].items():
         for cell, record in cells.items():
-            if record is None:
+            if "fisher" not in record:
                 lines.append(f"| {host} | {cell} | not run | | | | | | | |")
                 continue
             logrank = record["logrank"]
