@@ -215,7 +215,7 @@ def plot_survival(models, fits, cells, folder: Path) -> None:
             axis.set_xlabel("time (ps)")
             axis.set_xlim(0, TIME_PS)
             axis.set_ylim(-0.02, 1.02)
-            axis.legend(fontsize=7, loc="lower left")
+            axis.legend(fontsize=7, loc="best")
         axes[0].set_ylabel("surviving replicas (Kaplan-Meier, 95 % band)")
         figure.suptitle(
             f"{host}: {REPLICAS} replicas x {len(SEEDS)} training seeds per arm, NVE 1 fs", fontsize=10
