@@ -51,7 +51,8 @@ bench: $(VENV)/.installed
 env: $(VENV)/.installed
 
 # One environment with all three hosts: pinned by requirements.lock, installed without re-resolving.
-$(VENV)/.installed: requirements.lock pyproject.toml
+# ggnd_plugin/__init__.py holds the version, which the editable install's metadata records.
+$(VENV)/.installed: requirements.lock pyproject.toml ggnd_plugin/__init__.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
 	$(PY) -m uv pip install --python $(PY) --no-deps -r requirements.lock
