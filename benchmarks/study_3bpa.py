@@ -20,6 +20,8 @@ Fits and stability cells run in ``--jobs`` worker processes with one thread each
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import os
 import subprocess
@@ -267,13 +269,17 @@ def run(args) -> int:
         # (fits unlock cells), then the primary cell of every model, then the errors, then the
         # secondary cells in the protocol's order. A run cut short by the machine then holds whole
         # endpoints (the primary one first) rather than a little of each.
-        ready: list[tuple[tuple[int, int], str, dict, str | None, str | None]] = []
+        # A heap of (rank, submission number, job); the number is unique, so jobs are never compared.
+        ready: list[tuple[int, int, str, dict, str | None, str | None]] = []
+        cell_names = [c[0] for c in CELLS]
+        numbers = itertools.count()
 
         def add(kind: str, model: dict, path: str | None, cell: str | None) -> None:
-            rank = {"fit": 0, "evaluate": 2}.get(kind)
             if kind == "stability":
-                rank = 1 if cell == PRIMARY else 3 + [c[0] for c in CELLS].index(cell)
-            ready.append(((rank, len(ready)), kind, model, path, cell))
+                rank = 1 if cell == PRIMARY else 3 + cell_names.index(cell)
+            else:
+                rank = {"fit": 0, "evaluate": 2}[kind]
+            heapq.heappush(ready, (rank, next(numbers), kind, model, path, cell))
 
         def queue_after_fit(model: dict, path: str) -> None:
             if "evaluate" in stages:
@@ -294,8 +300,7 @@ def run(args) -> int:
             running = {}
             while ready or running:
                 while ready and len(running) < args.jobs:
-                    ready.sort(key=lambda job: job[0])
-                    _, kind, model, path, cell = ready.pop(0)
+                    _, _, kind, model, path, cell = heapq.heappop(ready)
                     job_args = (args, data, model) + ((path,) if path else ()) + ((cell,) if cell else ())
                     running[pool.submit(workers[kind], *job_args)] = (kind, model, cell)
                 future = next(as_completed(list(running)))
