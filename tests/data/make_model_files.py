@@ -1,17 +1,27 @@
-"""Write tests/data/v1/: model files with a version-1 GGND block, and their predictions.
+"""Write model files with a GGND block as a release of ggnd-plugin wrote them, and their predictions.
 
-These are the files users trained with ggnd-plugin 0.1.0 (GGND config version 1). The compatibility
-test (tests/test_block_compatibility.py) loads them with the current code and checks that they
-predict what 0.1.0 predicted, to 1e-10 in float64. Run it on the 0.1.0 code, once:
+Users keep model files written by every release; the compatibility tests
+(tests/test_block_compatibility.py) load the files written by each release with the current code and
+check that they predict what that release predicted, to 1e-10 in float64. Run this script once, on the
+code of the release, into its folder:
 
-    git worktree add /tmp/ggnd-0.1.0 2643144
-    cd /tmp/ggnd-0.1.0 && /path/to/.venv/bin/python tests/data/make_v1_files.py OUT_DIR
+- ``tests/data/v1/``: ggnd-plugin 0.1.0 (GGND numerics version 1), run on commit 2643144::
+
+      git worktree add /tmp/ggnd-0.1.0 2643144
+      cd /tmp/ggnd-0.1.0 && /path/to/.venv/bin/python tests/data/make_model_files.py OUT_DIR
+
+  (0.1.0's GGNDConfig has no ``version``: drop ``version: 2`` from nequip_ggnd_train.yaml there.)
+- ``tests/data/v0.2.0/``: ggnd-plugin 0.2.0 (numerics version 2, the module paths before the 0.3
+  reorganisation), run on commit c8eef82 with ``--release 0.2.0``, which also re-saves the 0.1.0 files
+  under 0.2.0 (a version-1 block pickled by 0.2.0 names ``ggnd_plugin.block_v1.LegacyGGNDBlock``).
 
 Files (all float64, tiny, GGND weights perturbed so the block changes every prediction):
 - ``mace_ggnd.model``: a random ScaleShiftMACE upgraded with GGND (``MACEAdapter.save``).
 - ``nequip_ggnd.ckpt``: one epoch of ``nequip-train`` with ``GGNDNequIPModel`` on 10 frames, its GGND
   weights perturbed in the checkpoint's state dict; ``nequip_ggnd.nequip.zip``: that model packaged.
 - ``schnetpack_ggnd_best_model``: a random PaiNN upgraded with GGND (``SchNetPackAdapter.save``).
+- with ``--release 0.2.0``: ``mace_ggnd_v1_resaved.model``, ``nequip_ggnd_v1_resaved.nequip.zip`` and
+  ``schnetpack_ggnd_v1_resaved_best_model``: the 0.1.0 files of ``tests/data/v1`` loaded and saved again.
 - ``predictions.json``: energies and forces of each file (``adapter.predict``) on three frames of the
   package's own 3BPA data (``3bpa_300K_test.xyz``).
 """
@@ -164,14 +174,37 @@ def schnetpack_file(out: Path) -> Path:
     return adapter.save(upgraded, out / "schnetpack_ggnd_best_model")
 
 
-def main(out: Path) -> None:
+def resaved_v1_files(out: Path) -> list[Path]:
+    """The 0.1.0 files loaded and saved again by this release (their blocks stay version 1)."""
+    from ggnd_plugin.registry import resolve
+
+    v1 = REPO / "tests" / "data" / "v1"
+    targets = {
+        "mace_ggnd.model": "mace_ggnd_v1_resaved.model",
+        "nequip_ggnd.ckpt": "nequip_ggnd_v1_resaved.nequip.zip",
+        "schnetpack_ggnd_best_model": "schnetpack_ggnd_v1_resaved_best_model",
+    }
+    written = []
+    for source, target in targets.items():
+        adapter = resolve("auto", v1 / source)
+        written.append(adapter.save(adapter.load(v1 / source), out / target))
+    return written
+
+
+def main(out: Path, release: str) -> None:
     from ggnd_plugin.registry import resolve
 
     torch.set_default_dtype(torch.float64)
     out.mkdir(parents=True, exist_ok=True)
     files = [mace_file(out), *nequip_files(out), schnetpack_file(out)]
+    if release != "0.1.0":
+        files += resaved_v1_files(out)
     frames = read(str(FRAMES[0]), FRAMES[1])
-    predictions = {"frames": f"ggnd_plugin/default_data/3bpa/{FRAMES[0].name}[{FRAMES[1]}]", "files": {}}
+    predictions = {
+        "release": release,
+        "frames": f"ggnd_plugin/default_data/3bpa/{FRAMES[0].name}[{FRAMES[1]}]",
+        "files": {},
+    }
     for path in files:
         adapter = resolve("auto", path)
         model = adapter.load(path)
@@ -186,4 +219,10 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "v1")
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path, help="folder to write (e.g. tests/data/v0.2.0)")
+    parser.add_argument("--release", default="0.1.0", help="the release whose code runs this script")
+    arguments = parser.parse_args()
+    main(arguments.out, arguments.release)
