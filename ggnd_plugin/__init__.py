@@ -21,6 +21,11 @@ _LAZY_EXPORTS = {
 __all__ = [*_LAZY_EXPORTS, "__version__"]
 
 
+# Old module paths that saved model files name (ggnd_plugin.moved_modules): registered as light aliases.
+_moved_modules = importlib.import_module("ggnd_plugin.moved_modules")
+_moved_modules.install()
+
+
 def __getattr__(name: str):
     module_name = _LAZY_EXPORTS.get(name)
     if module_name is None:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ggnd_plugin.e3nn_compat import o3
+from ggnd_plugin.tracing import is_tracing
 from ggnd_plugin.validation import validate_block_inputs
 
 __all__ = [
@@ -364,18 +365,6 @@ class PairTable:
     def rows(self, start: int, stop: int) -> "PairTable":
         shifts = None if self.cell_shifts is None else self.cell_shifts[start:stop]
         return PairTable(self.senders[start:stop], self.mask[start:stop], shifts)
-
-
-def _tracing() -> bool:
-    """True under torch.compile/export or TorchScript tracing, where value checks must not run."""
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
-    return (
-        torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
-        or get_proxy_mode() is not None  # make_fx tracing, as nequip-compile does
-    )
 
 
 def _check_batch(positions: Tensor, batch: Tensor) -> None:
@@ -993,7 +982,7 @@ class GGNDBlock(nn.Module):
             batch,
             num_species=self.spec.num_species if self.uses_embedding else None,
             host=host,
-            enabled=not _tracing(),
+            enabled=not is_tracing(),
         )
 
     def _layout(self, positions, pairs, batch, cell):

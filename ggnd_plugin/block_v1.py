@@ -32,7 +32,6 @@ from ggnd_plugin.block import (
     PairTable,
     RadialBasis,
     _check_batch,
-    _tracing,
     complete_graph_pairs,
     filter_paths,
     join_degrees,
@@ -41,6 +40,7 @@ from ggnd_plugin.block import (
     state_irreps,
 )
 from ggnd_plugin.e3nn_compat import o3
+from ggnd_plugin.tracing import is_tracing
 
 __all__ = ["LegacyGGNDBlock", "TensorFilter"]
 
@@ -270,7 +270,7 @@ class LegacyGGNDBlock(GGNDBlock):
         if self.uses_host:
             z = z + self.host_to_state(host)
         if self.uses_embedding:
-            if not _tracing() and (species.min() < 0 or species.max() >= self.spec.num_species):
+            if not is_tracing() and (species.min() < 0 or species.max() >= self.spec.num_species):
                 raise ValueError(
                     f"species indices must lie in 0..{self.spec.num_species - 1}, "
                     f"got {int(species.min())}..{int(species.max())}"

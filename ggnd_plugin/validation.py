@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ggnd_plugin.errors import GGNDError
+from ggnd_plugin.tracing import is_tracing
 
 # --------------------------------------------------------------------------------------------------
 # Values: each check returns the parsed value or raises _Problem with the text after "<name>: "
@@ -345,23 +346,6 @@ def check_elements(frames: Sequence, known: Iterable[int], source: str, model_na
 # --------------------------------------------------------------------------------------------------
 # Tensors: the GGND block's inputs
 # --------------------------------------------------------------------------------------------------
-def tracing() -> bool:
-    """True under TorchScript, tracing, ``torch.compile``/export or make_fx, where value checks must not run."""
-    import torch
-
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None:
-        if compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)():
-            return True
-    try:
-        from torch.fx.experimental.proxy_tensor import get_proxy_mode
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return get_proxy_mode() is not None
-
-
 def validate_block_inputs(
     positions,
     species,
@@ -376,11 +360,11 @@ def validate_block_inputs(
     Checks shapes (positions ``(N, 3)`` floating, species ``(N,)`` integer, batch ``(N,)`` integer and
     non-decreasing, host features ``(N, host_dim)``), that there is at least one atom, finite positions
     (and host features), and species indices in ``0 .. num_species - 1``. Costs one device sync. Does
-    nothing when ``enabled`` is False or under tracing / compilation (:func:`tracing`).
+    nothing when ``enabled`` is False or under tracing / compilation (:func:`ggnd_plugin.tracing.is_tracing`).
     """
     import torch
 
-    if not enabled or tracing():
+    if not enabled or is_tracing():
         return
     if not isinstance(positions, torch.Tensor) or not torch.is_floating_point(positions):
         raise GGNDError(f"positions must be a floating-point tensor, got {_describe(positions)}")

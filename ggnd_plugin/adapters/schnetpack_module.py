@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ggnd_plugin.block import FeatureSpec, GGNDBlock, GGNDConfig, _tracing, system_energy
+from ggnd_plugin.block import FeatureSpec, GGNDBlock, GGNDConfig, system_energy
 from ggnd_plugin.errors import GGNDError
+from ggnd_plugin.tracing import is_tracing
 
 # SchNetPack's input keys (schnetpack.properties), spelled out so that this module stays importable
 # without importing SchNetPack; tests check them against schnetpack.properties.
@@ -128,7 +129,7 @@ class GGNDEnergy(nn.Module):
 
     def species(self, numbers: Tensor) -> Tensor:
         species = self.species_of_z[numbers.long().clamp(0, MAX_ATOMIC_NUMBER)]
-        if not _tracing() and bool((species < 0).any()):
+        if not is_tracing() and bool((species < 0).any()):
             from ase.data import chemical_symbols
 
             unknown = sorted(set(numbers[species < 0].tolist()))

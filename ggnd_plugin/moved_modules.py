@@ -1,0 +1,49 @@
+"""Module paths of earlier releases that saved model files still name.
+
+A MACE ``.model``, a SchNetPack ``best_model`` and the model inside a NequIP package are pickles: they
+name every class by the module that defined it when the file was written (``ggnd_plugin.block_v1``,
+``ggnd_plugin.adapters.schnetpack_module``, ...); a NequIP checkpoint names its model builder the same
+way in its config. Files written by 0.1.0 and 0.2.0 must keep loading after the code moved, so each
+old path that a file can name stays importable as an alias of the module that now holds its classes.
+
+:data:`MOVED` is the whole table (old path -> new path). :func:`install` (called by
+``ggnd_plugin/__init__.py``) registers each old path in ``sys.modules`` as a light alias: nothing is
+imported until a name is looked up in it, so ``import ggnd_plugin`` stays cheap. Pickle
+(``find_class``), ``importlib.import_module`` (torch.package's extern modules, hydra's ``_target_``)
+and ``from OLD import Name`` all find it there. tests/test_block_compatibility.py loads files written
+by both releases; tests/test_moved_modules.py checks every row.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+__all__ = ["MOVED", "install"]
+
+# old module path -> module that defines its names now. Add a row whenever a module that a saved file
+# can name moves; never remove one (files outlive releases).
+MOVED: dict[str, str] = {}
+
+
+class _Alias(types.ModuleType):
+    """A module object standing for another module: attribute look-ups import and read the target."""
+
+    def __init__(self, name: str, target: str):
+        super().__init__(name, f"moved to {target}; kept so that saved files naming it still load")
+        self.__dict__["_target"] = target
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return getattr(importlib.import_module(self.__dict__["_target"]), name)
+
+    def __dir__(self) -> list[str]:
+        return dir(importlib.import_module(self.__dict__["_target"]))
+
+
+def install() -> None:
+    """Register every old path of :data:`MOVED` (idempotent; real modules of that name are kept)."""
+    for old, new in MOVED.items():
+        sys.modules.setdefault(old, _Alias(old, new))
