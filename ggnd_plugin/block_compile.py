@@ -45,7 +45,7 @@ def compile_blocks(model: nn.Module, dynamic: bool = True, **options) -> int:
     options.setdefault("backend", os.environ.get("GGND_COMPILE_BACKEND", "inductor"))
     count = 0
     for module in model.modules():
-        if type(module) is GGNDBlock:
+        if isinstance(module, GGNDBlock) and module.config.version >= 2:
             module.compile_energy(dynamic=dynamic, **options)
             count += 1
     return count

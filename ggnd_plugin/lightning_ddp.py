@@ -18,18 +18,17 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
-GGND_CLASSES = ("GGNDBlock", "LegacyGGNDBlock")
+from ggnd_plugin.block import GGNDBlock
 
 
 def ggnd_parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> a CPU copy of every parameter inside a GGND block of ``module``.
+    """Name -> a CPU copy of every parameter inside a GGND block of ``module`` (either numerics version).
 
-    Blocks are recognised by class name, so blocks of models loaded through ``torch.package`` (NequIP
-    packages) count too.
+    Blocks of models loaded from NequIP packages are instances too: packages extern ``ggnd_plugin.block``.
     """
     found = {}
     for prefix, child in module.named_modules():
-        if type(child).__name__ in GGND_CLASSES:
+        if isinstance(child, GGNDBlock):
             for name, parameter in child.named_parameters():
                 found[f"{prefix}.{name}"] = parameter.detach().cpu().clone()
     return found

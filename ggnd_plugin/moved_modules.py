@@ -24,7 +24,10 @@ __all__ = ["MOVED", "install"]
 
 # old module path -> module that defines its names now. Add a row whenever a module that a saved file
 # can name moves; never remove one (files outlive releases).
-MOVED: dict[str, str] = {}
+MOVED: dict[str, str] = {
+    # 0.2.0: version-1 blocks pickled as ggnd_plugin.block_v1.LegacyGGNDBlock (and .TensorFilter)
+    "ggnd_plugin.block_v1": "ggnd_plugin.block",
+}
 
 
 class _Alias(types.ModuleType):

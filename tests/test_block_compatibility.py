@@ -20,8 +20,7 @@ import pytest
 import torch
 from ase.io import read
 
-from ggnd_plugin.block import GGNDBlock, GGNDConfig, GGNDVersionWarning
-from ggnd_plugin.block_v1 import LegacyGGNDBlock
+from ggnd_plugin.block import GGNDBlock, GGNDConfig, GGNDVersionWarning, TensorFilter
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = REPO / "tests" / "data" / "v1"
@@ -54,7 +53,8 @@ def test_files_of_earlier_releases_predict_as_before(release, name):
     blocks = adapter.ggnd_blocks(model)
     version = 1 if release == "0.1.0" or "_v1_resaved" in name else 2
     assert blocks and all(block.config.version == version for block in blocks)
-    assert all(isinstance(block, LegacyGGNDBlock) == (version == 1) for block in blocks)
+    # A version-1 block holds 0.1.0's modules (e3nn's spherical harmonics module, the TensorFilter).
+    assert all(hasattr(block, "harmonics") == (version == 1) for block in blocks)
     prediction = adapter.predict(copy.deepcopy(model), FRAMES)
     energy = torch.tensor(expected["energy"], dtype=torch.float64)
     forces = torch.tensor(expected["forces"], dtype=torch.float64)
@@ -70,7 +70,7 @@ def test_a_resaved_0_1_0_model_stays_version_1(tmp_path):
     adapter, model, expected, _ = _load("mace_ggnd.model")
     path = adapter.save(model, tmp_path / "again.model")
     again = adapter.load(path)
-    assert isinstance(again.ggnd, LegacyGGNDBlock)
+    assert again.ggnd.config.version == 1 and hasattr(again.ggnd, "harmonics")
     prediction = adapter.predict(again, FRAMES)
     assert (prediction.energy - torch.tensor(expected["energy"])).abs().max() < 1e-10
 
@@ -105,8 +105,13 @@ def test_config_versions_read_from_mappings_pickles_and_state_dicts():
     del old.__dict__["version"]
     assert pickle.loads(pickle.dumps(old)).version == 1
     spec = FeatureSpec({"x": "4x0e+4x1o"}, num_species=2)
-    assert type(GGNDBlock(spec, GGNDConfig(channels=8, heads=2, version=1))) is LegacyGGNDBlock
-    assert type(GGNDBlock(spec, GGNDConfig(channels=8, heads=2))) is GGNDBlock
+    legacy = GGNDBlock(spec, GGNDConfig(channels=8, heads=2, version=1))
+    assert isinstance(legacy.filter, TensorFilter) and not hasattr(legacy, "numerics_version")
+    assert int(GGNDBlock(spec, GGNDConfig(channels=8, heads=2)).numerics_version) == 2
+    # 0.2.0 pickled version-1 blocks as ggnd_plugin.block_v1.LegacyGGNDBlock: the name still resolves.
+    from ggnd_plugin.block_v1 import LegacyGGNDBlock
+
+    assert LegacyGGNDBlock is GGNDBlock
     # Weights of one version never load silently into a block of the other.
     new = GGNDBlock(spec, GGNDConfig(channels=8, heads=2))
     legacy = GGNDBlock(spec, GGNDConfig(channels=8, heads=2, version=1))
