@@ -36,6 +36,10 @@ from ggnd_plugin.safe_io import (
     verified_torch_load,
 )
 
+MONITORS = ("loss", "forces")
+# Settings added after checkpoints were first written, with the value those checkpoints ran with.
+_SETTINGS_ADDED = {"patience": None, "monitor": "loss"}
+
 
 @dataclass
 class FinetuneSettings:
@@ -49,6 +53,11 @@ class FinetuneSettings:
     freeze_host: bool = False
     seed: int = 0
     max_grad_norm: float | None = 10.0
+    # Stop when the monitored validation error has not improved for this many epochs (None: run all).
+    patience: int | None = None
+    # What the kept model and patience follow: "loss" (the training loss on the validation set, or on the
+    # training set without one) or "forces" (the validation force MAE).
+    monitor: str = "loss"
 
     def __post_init__(self):
         v.check_settings(
@@ -66,6 +75,10 @@ class FinetuneSettings:
             raise GGNDError("energy_weight and forces_weight are both 0: the loss would train nothing")
         if self.max_grad_norm is not None:
             v.check_value(v.positive_float, self.max_grad_norm, "max_grad_norm")
+        if self.patience is not None:
+            v.check_value(v.positive_int, self.patience, "patience")
+        if self.monitor not in MONITORS:
+            raise GGNDError(f"monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}")
 
 
 @dataclass
@@ -82,6 +95,8 @@ class FinetuneResult:
     history: list[EpochRecord] = field(default_factory=list)
     trained_parameters: int = 0
     frozen_parameters: int = 0
+    best_epoch: int = 0  # the epoch whose model was kept
+    stopped_early: bool = False  # patience ran out before the epoch cap (converged by the rule)
 
 
 def _batches(items: Sequence, size: int, rng: random.Random | None) -> list[list]:
@@ -271,6 +286,8 @@ def _finetune(adapter, model, train, valid, out, settings, resume, progress, ove
     v.check_frames(train, "training structures")
     if valid is not None and len(valid) == 0:
         valid = None
+    if valid is None and (settings.monitor == "forces" or settings.patience is not None):
+        raise GGNDError("--patience and --monitor forces follow the validation set: give --valid")
     ckpt = checkpoint_path(out)
     main = ranks is None or ranks.is_main
     if overwrite and ckpt.exists() and main:
@@ -299,6 +316,8 @@ def _finetune(adapter, model, train, valid, out, settings, resume, progress, ove
             "torch_rng": torch.get_rng_state(),
             "history": [asdict(r) for r in result.history],
             "settings": asdict(settings),
+            "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early,
         }
         atomic_torch_save(state, ckpt)
 
@@ -306,7 +325,7 @@ def _finetune(adapter, model, train, valid, out, settings, resume, progress, ove
         state = verified_torch_load(ckpt, "fine-tuning checkpoint")
         if not isinstance(state, dict) or not {"epoch", "model", "settings"} <= set(state):
             raise GGNDError(f"{ckpt}: not a checkpoint of `ggnd finetune`; it was not loaded")
-        if state["settings"] != asdict(settings):
+        if {**_SETTINGS_ADDED, **state["settings"]} != asdict(settings):
             raise GGNDError(f"--resume: {ckpt} was written with other settings: {state['settings']}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -314,6 +333,8 @@ def _finetune(adapter, model, train, valid, out, settings, resume, progress, ove
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best = state["epoch"], state["best"]
         result.history = [EpochRecord(**record) for record in state["history"]]
+        result.best_epoch = state.get("best_epoch", _best_epoch(result.history, settings))
+        result.stopped_early = state.get("stopped_early", False)
     else:
         # Epoch 0: written before OUTPUT can exist, so an OUTPUT without a checkpoint is never ours.
         save_checkpoint(0)
@@ -324,7 +345,7 @@ def _finetune(adapter, model, train, valid, out, settings, resume, progress, ove
         ranks.barrier()  # the checkpoint every rank resumed from is read before rank 0 replaces it
         predictor = DistributedDataParallel(_Predictor(adapter, model))
 
-    epochs = range(start_epoch, settings.epochs)
+    epochs = range(start_epoch, settings.epochs if not result.stopped_early else start_epoch)
     bar = tqdm(
         epochs,
         desc="fine-tuning",
@@ -364,16 +385,20 @@ def _finetune(adapter, model, train, valid, out, settings, resume, progress, ove
             record.valid_energy_mae = metrics["energy_per_atom_mae"]
             record.valid_forces_mae = metrics["forces_mae"]
         result.history.append(record)
-        score = record.valid_loss if record.valid_loss is not None else record.train_loss
+        score = _score(record, settings)
         if score < best:
-            best = score
+            best, result.best_epoch = score, epoch + 1
             # Before the checkpoint: a kill between the two repeats this epoch, which saves it again.
             if main:
                 save_model(adapter, model, out)
+        if settings.patience is not None and epoch + 1 - result.best_epoch >= settings.patience:
+            result.stopped_early = epoch + 1 < settings.epochs
         bar.set_postfix(train=f"{record.train_loss:.4g}", valid=f"{record.valid_loss or float('nan'):.4g}")
         save_checkpoint(epoch + 1)
         if ranks is not None:
             ranks.barrier()  # no rank starts the next epoch before rank 0 has written this one
+        if result.stopped_early:
+            break
     bar.close()
     if ranks is not None:
         _check_in_sync(model, ranks)
@@ -383,6 +408,22 @@ def _finetune(adapter, model, train, valid, out, settings, resume, progress, ove
             "pass --overwrite to train again"
         )
     return result
+
+
+def _score(record: EpochRecord, settings: FinetuneSettings) -> float:
+    """What the kept model and patience follow (lower is better)."""
+    if settings.monitor == "forces":
+        return record.valid_forces_mae
+    return record.valid_loss if record.valid_loss is not None else record.train_loss
+
+
+def _best_epoch(history: Sequence[EpochRecord], settings: FinetuneSettings) -> int:
+    """The epoch of the kept model, from the history (checkpoints written before best_epoch was saved)."""
+    best, epoch = math.inf, 0
+    for record in history:
+        if _score(record, settings) < best:
+            best, epoch = _score(record, settings), record.epoch
+    return epoch
 
 
 def validation_loss(adapter, model, structures, settings: FinetuneSettings) -> float:

@@ -35,7 +35,8 @@ def register(subparsers) -> None:
         help="train a model (with GGND) on energies and forces",
         description="Energy + force loss, the model's own E0s, a checkpoint every epoch (--resume continues "
         "a stopped run to the same result). A model without GGND gets a block attached first (options from "
-        "--config). OUTPUT must not exist unless --resume (its own run) or --overwrite, and is never one "
+        "--config), unless --no-ggnd: then the same training runs on the plain model (the control of an "
+        "upgrade). OUTPUT must not exist unless --resume (its own run) or --overwrite, and is never one "
         "of the inputs.",
     )
     finetune.add_argument("model", type=v.MODEL_FILE)
@@ -54,6 +55,23 @@ def register(subparsers) -> None:
     finetune.add_argument("--energy-weight", type=v.NON_NEGATIVE_FLOAT, default=1.0)
     finetune.add_argument("--forces-weight", type=v.NON_NEGATIVE_FLOAT, default=10.0)
     finetune.add_argument("--freeze-host", action="store_true", help="train only the GGND block")
+    finetune.add_argument(
+        "--no-ggnd",
+        action="store_true",
+        help="train the plain model without attaching a block (the control arm of an upgrade)",
+    )
+    finetune.add_argument(
+        "--patience",
+        type=v.POSITIVE_INT,
+        help="stop when the monitored validation error has not improved for this many epochs (at most "
+        "--epochs); needs --valid",
+    )
+    finetune.add_argument(
+        "--monitor",
+        choices=("loss", "forces"),
+        default="loss",
+        help="what the kept model and --patience follow: the loss on --valid (default) or its force MAE",
+    )
     finetune.add_argument("--seed", type=v.SEED, default=0)
     finetune.add_argument(
         "--resume",
@@ -157,6 +175,8 @@ def run_finetune(args) -> int:
         ("--valid", args.valid),
         ("--config", args.config),
     ]
+    if (args.patience is not None or args.monitor == "forces") and args.valid is None:
+        raise GGNDError("--patience and --monitor forces follow the validation set: give --valid")
     # Under torchrun: data-parallel training (DDP, gloo on the CPU; docs/scale.md). Rank 0 owns OUTPUT.
     ranks = distributed.from_environment(torch.device("cpu"), stop_on_sigterm=False)
     try:
@@ -172,7 +192,12 @@ def run_finetune(args) -> int:
         train = _labelled(args.train, adapter, model)
         valid = _labelled(args.valid, adapter, model) if args.valid else None
         main = ranks is None or ranks.is_main
-        if not adapter.ggnd_blocks(model):
+        if args.no_ggnd:
+            if adapter.ggnd_blocks(model):
+                raise GGNDError(f"--no-ggnd: {args.model} already has a GGND block; give the plain model")
+            if args.config is not None:
+                raise GGNDError("--no-ggnd attaches no block, so --config (GGND options) has nothing to set")
+        elif not adapter.ggnd_blocks(model):
             if main:
                 print(
                     f"{args.model} has no GGND block: attaching one (fusion readout at zero) before training"
@@ -187,6 +212,8 @@ def run_finetune(args) -> int:
             forces_weight=args.forces_weight,
             freeze_host=args.freeze_host,
             seed=args.seed,
+            patience=args.patience,
+            monitor=args.monitor,
         )
         result = finetune(
             adapter,
@@ -209,9 +236,15 @@ def run_finetune(args) -> int:
     where = (
         f" on {ranks.world_size} DDP ranks (parameters identical on every rank)" if ranks is not None else ""
     )
+    epochs = len(result.history)
+    stop = (
+        f", stopped: no improvement for {settings.patience} epochs"
+        if result.stopped_early
+        else (" (the --epochs cap)" if settings.patience is not None else "")
+    )
     print(
         f"trained {result.trained_parameters:,} parameters ({result.frozen_parameters:,} frozen) on "
-        f"{len(train)} frames for {settings.epochs} epochs{where} -> {args.output}"
+        f"{len(train)} frames for {epochs} epochs{stop}{where}; kept epoch {result.best_epoch} -> {args.output}"
     )
     if last is not None:
         print(
