@@ -10,6 +10,7 @@ and the test checks they still fail fast and with one line.
 from __future__ import annotations
 
 import argparse
+import json
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def paths(tmp_path, monkeypatch):
         "text": tmp_path / "options.txt",
         "new": tmp_path / "new.out",
         "new_dir": tmp_path / "new_dir",
+        "results": tmp_path / "results.json",
     }
     write(files["data"], frames)
     bare = [a.copy() for a in frames]
@@ -95,6 +97,12 @@ def paths(tmp_path, monkeypatch):
     files["garbage"].write_bytes(b"not a model at all")
     files["bad_yaml"].write_text("no_such_option: 3\n")
     files["text"].write_text("channels: 8\n")
+    replicas = [
+        {"model": model, "temperature_K": 1200.0, "replica": k, "start_frame": k, "seed": k,
+         "stability_ps": 1.0, "failed": k == 0}
+        for model in ("t", "c") for k in range(2)
+    ]  # fmt: skip
+    files["results"].write_text(json.dumps({"protocol": {"time_ps": 1.0}, "replicas": replicas}))
     return {name: str(path) for name, path in files.items()}
 
 
@@ -124,6 +132,8 @@ def _valid(command: str, p: dict[str, str]) -> dict[str, list[str]]:
         "data list": {},
         "demo": {"--out": [p["new_dir"]]},
         "config": {"host": ["mace"]},
+        "compare": {"results": [p["results"]], "--pair": ["t=c"], "--temperature": ["1200"]},
+        "scan": {"models": [p["model"]], "--structure": [p["data"]], "--out": [p["new_dir"]]},
         "adapters": {},
     }[command]
 
@@ -194,6 +204,22 @@ ROWS = [
     ("finetune", "--energy-weight", "nan", A, "got 'nan'"),
     ("finetune", "--forces-weight", "-0.5", A, "must be a number >= 0"),
     ("finetune", "--seed", "-3", A, "must be an integer from 0"),
+    ("finetune", "--patience", "0", A, "must be a positive integer, got 0"),
+    ("finetune", "--patience", "3", R, "--patience and --monitor forces follow the validation set"),
+    ("finetune", "--monitor", "energy", A, "invalid choice: 'energy'"),
+    ("finetune", "--monitor", "forces", R, "give --valid"),
+    # compare
+    ("compare", "results", "missing.json", A, "missing.json: no such file"),
+    ("compare", "results", "{folder}", A, "is a folder, not a file"),
+    ("compare", "results", "{data}", R, "not a results.json of `ggnd stability`"),
+    ("compare", "--pair", "t", A, "a pair is TREATMENT=CONTROL"),
+    ("compare", "--pair", "t=t", A, "two different model names"),
+    ("compare", "--pair", "nope=c", R, "no replicas of model 'nope' at 1200 K"),
+    ("compare", "--temperature", "0", A, "must be a positive number"),
+    ("compare", "--temperature", "600", R, "no replicas of model 't' at 600 K"),
+    ("compare", "--json", "{folder}", A, "is a folder"),
+    ("compare", "--json", "{results}", R, "is the RESULTS input"),
+    ("compare", "--json", "{existing}", R, "already exists; pass --overwrite"),
     # evaluate
     ("evaluate", "model", "missing.model", A, "no such file"),
     ("evaluate", "model", "{garbage}", R, "not a model file of any known host"),
@@ -244,6 +270,21 @@ ROWS = [
     ("stability", "--max-batch-atoms", "64", R, "give --autobatch too"),
     ("stability", "--baseline", "", A, "must not be empty"),
     ("stability", "--baseline", "nope", R, "--baseline nope: not one of the models of this run (tiny)"),
+    # scan
+    ("scan", "models", "missing.model", A, "no such file"),
+    ("scan", "models", "{data}", A, "not a model file"),
+    ("scan", "--structure", "missing.xyz", A, "no such file"),
+    ("scan", "--structure", "{archive}", A, "is a model or archive file"),
+    ("scan", "--frame", "-1", A, "must be an integer >= 0"),
+    ("scan", "--frame", "99", R, "--frame 99: "),
+    ("scan", "--types", "", A, "must not be empty"),
+    ("scan", "--types", "S-H", R, "bond type(s) S-H not in the structure"),
+    ("scan", "--max-length", "0", A, "must be a positive number"),
+    ("scan", "--max-length", "0.5", R, "is not beyond the"),
+    ("scan", "--step", "-0.1", A, "must be a positive number"),
+    ("scan", "--host", "nope", A, "no adapter named"),
+    ("scan", "--out", "{existing}", A, "is a file, not a folder"),
+    ("scan", "--out", "{foreign}", R, "is not empty (thesis.tex)"),
     # data generate
     ("data generate", "--smiles", "", A, "must not be empty"),
     ("data generate", "--temperature", "0", A, "must be a positive number"),
