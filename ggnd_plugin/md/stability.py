@@ -26,7 +26,6 @@ comparison).
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ggnd_plugin import provenance
 from ggnd_plugin import validation as v
 from ggnd_plugin.errors import GGNDError
 from ggnd_plugin.safe_io import atomic_torch_save, output_lock, verified_torch_load
@@ -204,23 +204,8 @@ def build_monitor(
 
 
 def package_versions() -> dict[str, str]:
-    versions = {}
-    for name in (
-        "ggnd-plugin",
-        "torch",
-        "torch-sim-atomistic",
-        "ase",
-        "numpy",
-        "e3nn",
-        "mace-torch",
-        "nequip",
-        "schnetpack",
-    ):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
+    """The versions a stability record names: the MD stack and every installed host."""
+    return provenance.package_versions(("torch", "torch-sim-atomistic", "ase", "numpy", "e3nn"), hosts=True)
 
 
 # ---------------------------------------------------------------------------------------------------
