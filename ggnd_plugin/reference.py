@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ggnd_plugin import provenance
 from ggnd_plugin import validation as v
 from ggnd_plugin.errors import CorruptFileError, GGNDError, OutputExistsError
 from ggnd_plugin.safe_io import (
@@ -214,15 +215,8 @@ def require_xtb() -> None:
 
 
 def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for package in ("ggnd-plugin", "tblite", "rdkit", "ase", "numpy"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
+    """The versions a generation record names (the labelling stack); a missing one reads 'not installed'."""
+    return provenance.package_versions(("tblite", "rdkit", "ase", "numpy"), missing="not installed")
 
 
 def molecule_from_smiles(smiles: str, seed: int = 0):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ggnd_plugin.md.stability import StabilityResult
+from ggnd_plugin.md.protocol import StabilityResult
 
 
 def _pyplot():

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ggnd_plugin.md import survival
-from ggnd_plugin.md.stability import StabilityResult
+from ggnd_plugin.md.protocol import StabilityResult
 
 CSV_COLUMNS = (
     "model",
