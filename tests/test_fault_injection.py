@@ -35,12 +35,13 @@ import torch
 
 from ggnd_plugin import safe_io
 from ggnd_plugin.cli import main
+from ggnd_plugin.default_data import default_data_path
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 THIRDPARTY = TESTS / "thirdparty"
-DATA = REPO / "ggnd_plugin" / "default_data" / "3bpa" / "3bpa_300K_train.xyz"
-START = REPO / "ggnd_plugin" / "default_data" / "3bpa" / "3bpa_300K_test.xyz"
+DATA = default_data_path("3bpa_300K_train")
+START = default_data_path("3bpa_300K_test")
 SEEDS = (0, 1, 2, 3)  # even seeds: a write point; odd seeds: a random time
 
 # Totals over the tests of this file (printed after them; the README quotes them).
