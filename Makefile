@@ -13,10 +13,14 @@ demo: $(VENV)/.installed
 # TorchScript caches), and MACE models built after NequIP training in the same process could not be
 # pickled. Any failing file, or one that runs no test (pytest's exit 5), fails the target.
 # `make test` (the README's command, run by CI) leaves out the tests marked slow: compiling models with
-# inductor / AOTInductor (nequip-compile), the hosts' own training CLIs end to end, long MD. They take
-# about as long again; `make test-slow` runs them (before a release, and after touching block_compile,
-# an adapter's compile or fit path, or the stability runner). `make test-all` runs both.
+# inductor / AOTInductor (nequip-compile), the hosts' own training CLIs end to end (`ggnd demo --quick`
+# among them), long MD. They take about as long again; `make test-slow` runs them (before a release, and
+# after touching block_compile, an adapter's compile or fit path, or the stability runner). `make test-all`
+# runs both.
+# A file whose tests are all slow says so once (`pytestmark = pytest.mark.slow`); `make test` leaves it
+# out rather than run it to select nothing.
 TEST_FILES := $(wildcard tests/test_*.py)
+ALL_SLOW_TEST_FILES = $(shell grep -l "^pytestmark = pytest.mark.slow" tests/test_*.py)
 SLOW_TEST_FILES = $(shell grep -l "mark.slow" tests/test_*.py)
 
 define run_pytest_per_file
@@ -28,7 +32,7 @@ endef
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check ggnd_plugin tests benchmarks examples
-	$(call run_pytest_per_file,$(TEST_FILES),not slow)
+	$(call run_pytest_per_file,$(filter-out $(ALL_SLOW_TEST_FILES),$(TEST_FILES)),not slow)
 
 test-slow: $(VENV)/.installed
 	$(call run_pytest_per_file,$(SLOW_TEST_FILES),slow)

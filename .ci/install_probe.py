@@ -23,9 +23,6 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-ELEMENTS = [1, 6, 7, 8]
-ATOMIC_ENERGIES = {1: -13.6, 6: -1029.5, 7: -1485.0, 8: -2042.0}
-
 
 def import_is_light() -> list[str]:
     """Heavy modules that ``import ggnd_plugin`` loads (none expected), checked in a fresh interpreter."""
@@ -96,92 +93,26 @@ def _block_on_molecule() -> dict[str, float]:
 
 
 def tiny_mace(path: Path) -> None:
-    import numpy as np
     import torch
-    from e3nn import o3
-    from mace import modules
-    from mace.tools import torch_tools
 
-    with torch_tools.default_dtype(torch.float64):
-        torch.manual_seed(0)
-        interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
-        model = modules.ScaleShiftMACE(
-            r_max=4.0,
-            num_bessel=4,
-            num_polynomial_cutoff=5,
-            max_ell=1,
-            interaction_cls=interaction,
-            interaction_cls_first=interaction,
-            num_interactions=2,
-            num_elements=len(ELEMENTS),
-            hidden_irreps=o3.Irreps("8x0e+8x1o"),
-            MLP_irreps=o3.Irreps("4x0e"),
-            atomic_energies=np.array([ATOMIC_ENERGIES[z] for z in ELEMENTS]),
-            avg_num_neighbors=8.0,
-            atomic_numbers=ELEMENTS,
-            correlation=2,
-            gate=torch.nn.functional.silu,
-            atomic_inter_scale=0.5,
-            atomic_inter_shift=0.0,
-        )
-    torch.save(model.eval(), path)  # what mace_run_train writes as NAME.model
+    from ggnd_plugin.testing import tiny_mace
+
+    torch.save(tiny_mace(), path)  # what mace_run_train writes as NAME.model
 
 
 def tiny_nequip(path: Path) -> None:
-    from nequip.model import NequIPGNNModel
-    from nequip.utils.global_state import set_global_state
-
     from ggnd_plugin.adapters.nequip import NequIPAdapter
+    from ggnd_plugin.testing import tiny_nequip
 
-    set_global_state()
-    model = NequIPGNNModel(
-        seed=0,
-        model_dtype="float64",
-        type_names=["C", "H", "N", "O"],
-        r_max=4.0,
-        num_layers=2,
-        l_max=1,
-        parity=False,
-        num_features=8,
-        radial_mlp_width=16,
-        avg_num_neighbors=10.0,
-        per_type_energy_shifts={"C": -1029.5, "H": -13.6, "N": -1485.0, "O": -2042.0},
-        per_type_energy_scales=0.5,
-    )
-    NequIPAdapter().save(model.eval(), path)  # a NequIP package, as nequip-package writes
+    NequIPAdapter().save(tiny_nequip(), path)  # a NequIP package, as nequip-package writes
 
 
 def tiny_schnetpack(path: Path) -> None:
-    import schnetpack as spk
     import torch
 
-    from ggnd_plugin.adapters.schnetpack import SchNetPackAdapter
+    from ggnd_plugin.testing import tiny_schnetpack
 
-    torch.manual_seed(0)
-    cutoff = 4.0
-    # SchNetPack's GaussianRBF builds torch.FloatTensor, refused under a float64 default (which a
-    # NequIP model built before in the same process leaves behind).
-    torch.set_default_dtype(torch.float32)
-    model = spk.model.NeuralNetworkPotential(
-        representation=spk.representation.PaiNN(
-            n_atom_basis=8,
-            n_interactions=2,
-            radial_basis=spk.nn.GaussianRBF(n_rbf=6, cutoff=cutoff),
-            cutoff_fn=spk.nn.CosineCutoff(cutoff),
-        ),
-        input_modules=[spk.atomistic.PairwiseDistances()],
-        output_modules=[
-            spk.atomistic.Atomwise(n_in=8, output_key="energy", aggregation_mode="sum"),
-            spk.atomistic.Forces(energy_key="energy", force_key="forces"),
-        ],
-        postprocessors=[
-            spk.transform.CastTo64(),
-            spk.transform.AddOffsets("energy", add_mean=True, property_mean=torch.tensor([-654.0])),
-        ],
-    ).double()
-    SchNetPackAdapter.set_elements(model, ELEMENTS)
-    SchNetPackAdapter.set_units(model, "eV", "Ang")
-    torch.save(model, path)  # what spktrain writes as best_model
+    torch.save(tiny_schnetpack("painn"), path)  # what spktrain writes as best_model
 
 
 TINY_MODELS = {

@@ -259,7 +259,6 @@ def measure_pair(
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_FRAMES = ROOT / "ggnd_plugin" / "default_data" / "3bpa" / "3bpa_300K_train.xyz"
 HOSTS = ("mace", "nequip", "schnetpack")
-ELEMENTS = (1, 6, 7, 8)
 
 
 def small_host_model(host: str):
@@ -267,90 +266,37 @@ def small_host_model(host: str):
 
     The weights do not change the cost of a step, so the benchmark needs no training.
     """
-    import numpy as np
-    import torch
+    from ggnd_plugin import testing
 
-    torch.manual_seed(0)
     if host == "mace":
-        from e3nn import o3
-        from mace import modules
-        from mace.tools import torch_tools
-
         from ggnd_plugin.adapters.mace_train import SIZES
 
         size = SIZES["small"]
-        interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
-        with torch_tools.default_dtype(torch.float64):
-            return modules.ScaleShiftMACE(
-                r_max=size["r_max"],
-                num_bessel=8,
-                num_polynomial_cutoff=5,
-                max_ell=3,
-                interaction_cls=interaction,
-                interaction_cls_first=interaction,
-                num_interactions=size["num_interactions"],
-                num_elements=len(ELEMENTS),
-                hidden_irreps=o3.Irreps(size["hidden_irreps"]),
-                MLP_irreps=o3.Irreps(size["MLP_irreps"]),
-                atomic_energies=np.array([-13.6, -1029.5, -1485.0, -2042.0]),
-                avg_num_neighbors=10.0,
-                atomic_numbers=list(ELEMENTS),
-                correlation=size["correlation"],
-                gate=torch.nn.functional.silu,
-                atomic_inter_scale=0.5,
-                atomic_inter_shift=0.0,
-            ).eval()
+        return testing.tiny_mace(
+            r_max=size["r_max"],
+            num_bessel=8,
+            max_ell=3,
+            num_interactions=size["num_interactions"],
+            hidden_irreps=size["hidden_irreps"],
+            MLP_irreps=size["MLP_irreps"],
+            avg_num_neighbors=10.0,
+            correlation=size["correlation"],
+        )
     if host == "nequip":
-        from nequip.model import NequIPGNNModel
-        from nequip.utils.global_state import set_global_state
-
         from ggnd_plugin.adapters.nequip import SIZES
 
-        set_global_state()
         size = SIZES["small"]
-        return NequIPGNNModel(
-            seed=0,
-            model_dtype="float64",
-            type_names=["C", "H", "N", "O"],
-            r_max=size["cutoff_radius"],
-            parity=False,
-            avg_num_neighbors=10.0,
-            per_type_energy_shifts={"C": -1030.0, "H": -13.6, "N": -1485.0, "O": -2040.0},
-            per_type_energy_scales=0.5,
-            **size["model"],
-        ).eval()
-    import schnetpack as spk
-
-    from ggnd_plugin.adapters.schnetpack import SIZES, SchNetPackAdapter
+        return testing.tiny_nequip(r_max=size["cutoff_radius"], **size["model"])
+    from ggnd_plugin.adapters.schnetpack import SIZES
 
     size = SIZES["small"]
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)  # SchNetPack's GaussianRBF builds torch.FloatTensor
-    try:
-        model = spk.model.NeuralNetworkPotential(
-            representation=spk.representation.PaiNN(
-                n_atom_basis=size["n_atom_basis"],
-                n_interactions=size["n_interactions"],
-                radial_basis=spk.nn.GaussianRBF(n_rbf=20, cutoff=5.0),
-                cutoff_fn=spk.nn.CosineCutoff(5.0),
-            ),
-            input_modules=[spk.atomistic.PairwiseDistances()],
-            output_modules=[
-                spk.atomistic.Atomwise(
-                    n_in=size["n_atom_basis"], output_key="energy", aggregation_mode="sum"
-                ),
-                spk.atomistic.Forces(energy_key="energy", force_key="forces"),
-            ],
-            postprocessors=[
-                spk.transform.CastTo64(),
-                spk.transform.AddOffsets("energy", add_mean=True, property_mean=torch.tensor([-654.0])),
-            ],
-        )
-    finally:
-        torch.set_default_dtype(previous)
-    model = model.to(torch.float64)
-    SchNetPackAdapter.set_elements(model, list(ELEMENTS))
-    SchNetPackAdapter.set_units(model, "eV", "Ang")
+    model = testing.tiny_schnetpack(
+        "painn",
+        n_atom_basis=size["n_atom_basis"],
+        n_interactions=size["n_interactions"],
+        n_rbf=20,
+        cutoff=5.0,
+    )
     return model.eval()
 
 

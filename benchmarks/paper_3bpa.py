@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import subprocess
 import sys
 import time
@@ -51,8 +50,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ggnd_plugin.demo import _Stage  # noqa: E402  (the demo's stage cache)
-from ggnd_plugin.safe_io import atomic_path, atomic_write_text  # noqa: E402
+from pipeline_3bpa import LABELLED_TESTS, prepare_data, set_option, stage_cache  # noqa: E402
+from pipeline_3bpa import say as _say  # noqa: E402
+
+from ggnd_plugin.safe_io import atomic_write_text  # noqa: E402
 
 HOSTS = ("mace", "nequip", "schnetpack")
 HOST_LABEL = {"mace": "MACE", "nequip": "NequIP", "schnetpack": "PaiNN (SchNetPack)"}
@@ -66,7 +67,6 @@ KINDS = {
     "finetuned": None,  # control: the fitted host fine-tuned like the upgrade, without GGND
 }
 ABLATION_KINDS = ("ggnd-local", "ggnd-mp")
-LABELLED_TESTS = ("300K", "600K")
 TEMPERATURES = (300.0, 600.0, 1200.0)
 # Paper table 1, E in eV, F in eV/Å, S in ps; (host, ggnd, test). The paper has no PaiNN column.
 PAPER = {
@@ -132,12 +132,6 @@ def selected_models(args) -> list[str]:
     if unknown:
         raise SystemExit(f"--models: {unknown} are not models of this run; choose from {names}")
     return [name for name in names if name in args.models]
-
-
-def _say(message: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(f"[paper_3bpa] {message}")
 
 
 def default_data() -> Path:
@@ -276,53 +270,6 @@ def config_of(args, name: str):
     return None if variant is None else ggnd_config(args, variant)
 
 
-def prepare_data(args) -> dict[str, Path]:
-    """Seeded train/valid split of train_300K; (subsets of) the labelled test sets; E0s."""
-    from ase.io import read, write
-
-    from ggnd_plugin.data import read_labelled
-
-    folder = args.out / "data"
-    paths = {name: folder / f"{name}.xyz" for name in ("train", "valid", "test_300K", "test_600K")}
-    paths["e0s"] = folder / "e0s.json"
-    if all(p.exists() for p in paths.values()):
-        return paths
-    folder.mkdir(parents=True, exist_ok=True)
-    frames = read_labelled(args.data / "train_300K.xyz")
-    random.Random(args.seed).shuffle(frames)
-    if args.train_frames:
-        frames = frames[: args.train_frames]
-    n_valid = max(2, round(args.valid_fraction * len(frames)))
-    parts = {"valid": frames[:n_valid], "train": frames[n_valid:]}
-    for t in LABELLED_TESTS:
-        test = read_labelled(args.data / f"test_{t}.xyz")
-        if args.test_frames and args.test_frames < len(test):
-            test = random.Random(args.seed + 1).sample(test, args.test_frames)
-        parts[f"test_{t}"] = test
-    for name, part in parts.items():
-        with atomic_path(paths[name]) as tmp:
-            write(tmp, part, format="extxyz")
-    e0s = {}
-    for atoms in read(args.data / "iso_atoms.xyz", ":"):
-        energy = atoms.info.get("energy")
-        if energy is None:
-            energy = atoms.get_potential_energy()
-        e0s[int(atoms.numbers[0])] = float(energy)
-    atomic_write_text(paths["e0s"], json.dumps(e0s))
-    _say(f"data: {len(frames) - n_valid} train, {n_valid} valid frames; E0s {e0s}")
-    return paths
-
-
-def _set_option(command: list[str], key: str, value) -> list[str]:
-    flag = f"--{key}"
-    command = list(command)
-    if flag in command:
-        command[command.index(flag) + 1] = str(value)
-    else:
-        command += [flag, str(value)]
-    return command
-
-
 def fit_mace(args, data, name: str, config) -> dict[str, Any]:
     """MACEAdapter.fit's command (fit_command + run_fit), with this run's device, E0s and size."""
     from ggnd_plugin.adapters.mace_train import fit_command, run_fit
@@ -332,18 +279,18 @@ def fit_mace(args, data, name: str, config) -> dict[str, Any]:
         data["train"], data["valid"], work, config, args.epochs, args.seed, args.size, args.device
     )
     e0s = json.loads(data["e0s"].read_text())
-    command = _set_option(command, "default_dtype", args.dtype)
-    command = _set_option(command, "E0s", "{" + ", ".join(f"{z}: {e}" for z, e in e0s.items()) + "}")
+    command = set_option(command, "default_dtype", args.dtype)
+    command = set_option(command, "E0s", "{" + ", ".join(f"{z}: {e}" for z, e in e0s.items()) + "}")
     if args.hidden_irreps:
-        command = _set_option(command, "hidden_irreps", args.hidden_irreps)
+        command = set_option(command, "hidden_irreps", args.hidden_irreps)
     if args.batch_size:
-        command = _set_option(command, "batch_size", args.batch_size)
-        command = _set_option(command, "valid_batch_size", args.batch_size)
+        command = set_option(command, "batch_size", args.batch_size)
+        command = set_option(command, "valid_batch_size", args.batch_size)
     if args.ggnd_drop_interaction and config is not None:
         interactions = int(command[command.index("--num_interactions") + 1])
         if interactions < 2:
             raise SystemExit(f"--ggnd-drop-interaction: MACE size {args.size!r} has only one interaction")
-        command = _set_option(command, "num_interactions", interactions - 1)
+        command = set_option(command, "num_interactions", interactions - 1)
     # MACE's own checkpoints make a fit stopped by a time limit resume where it stopped.
     command.append("--restart_latest")
     t0 = time.perf_counter()
@@ -413,7 +360,7 @@ def finetune_upgrade(args, data, name: str, baseline_path: str) -> dict[str, Any
 
 def stage_fit(args, data) -> dict[str, str]:
     names = model_names(args)
-    stages = {name: _Stage(args.out, f"fit-{name}") for name in names}
+    stages = {name: stage_cache(args.out, f"fit-{name}") for name in names}
 
     def scratch(name):
         if not stages[name].done():
@@ -455,7 +402,7 @@ def stage_evaluate(args, data, files) -> dict[str, Any]:
 
     tests = None
     for name, path in files.items():
-        stage = _Stage(args.out, f"evaluate-{name}")
+        stage = stage_cache(args.out, f"evaluate-{name}")
         if stage.done():
             continue
         if tests is None:
@@ -467,7 +414,7 @@ def stage_evaluate(args, data, files) -> dict[str, Any]:
         t0 = time.perf_counter()
         metrics = {t: evaluate(adapter, model, frames, batch_size=16) for t, frames in tests.items()}
         stage.write({**metrics, "seconds": time.perf_counter() - t0})
-    return {name: _Stage(args.out, f"evaluate-{name}").read() for name in files}
+    return {name: stage_cache(args.out, f"evaluate-{name}").read() for name in files}
 
 
 def protocol_of(args, temperature: float):
@@ -496,7 +443,7 @@ def start_set(temperature: float) -> str:
 
 
 def _stability_stage(args, name: str, temperature: float):
-    return _Stage(args.out, f"stability-{name}-{temperature:g}K")
+    return stage_cache(args.out, f"stability-{name}-{temperature:g}K")
 
 
 def stability_one(args, data, name: str, path: str, temperature: float) -> dict[str, Any]:
@@ -623,7 +570,7 @@ def stage_overhead(args, data, files) -> dict[str, Any]:
 
     records = {}
     for host in args.hosts:
-        stage = _Stage(args.out, f"overhead-{host}")
+        stage = stage_cache(args.out, f"overhead-{host}")
         if not stage.done():
             _say(
                 f"overhead of GGND on {host}: training step, MD step, peak memory (plain and GGND alternating)"
@@ -898,7 +845,7 @@ def main(argv=None) -> int:
     data = prepare_data(args)
     if args.stability_model:  # a worker of --parallel
         name, _, temperature = args.stability_model.partition("@")
-        path = _Stage(args.out, f"fit-{name}").read()["path"]
+        path = stage_cache(args.out, f"fit-{name}").read()["path"]
         stability_one(args, data, name, path, float(temperature))
         return 0
     stages = set(
@@ -914,7 +861,7 @@ def main(argv=None) -> int:
     if metrics is None or stability is None or "report" not in stages:
         _say(f"stages {sorted(stages)} done in {time.perf_counter() - started:.0f} s")
         return 0
-    fits = {name: _Stage(args.out, f"fit-{name}").read() for name in files}
+    fits = {name: stage_cache(args.out, f"fit-{name}").read() for name in files}
     payload = write_json(args, files, fits, metrics, stability, overhead)
     print_table(payload)
     atomic_write_text(args.out / "tables.md", markdown_tables(payload))

@@ -60,31 +60,19 @@ def build_mace(dtype=torch.float64):
     replica on this CPU, ~85 ms per replica in a batch of 16): on a CPU the host's arithmetic, not
     per-step overhead, dominates such models, so batching gains less there than it does on a GPU.
     """
-    from e3nn import o3
-    from mace import modules
+    from ggnd_plugin.testing import tiny_mace
 
-    torch.manual_seed(0)
-    interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
-    model = modules.ScaleShiftMACE(
+    model = tiny_mace(
         r_max=5.0,
         num_bessel=8,
-        num_polynomial_cutoff=5,
         max_ell=2,
-        interaction_cls=interaction,
-        interaction_cls_first=interaction,
-        num_interactions=2,
-        num_elements=4,
-        hidden_irreps=o3.Irreps("32x0e+32x1o"),
-        MLP_irreps=o3.Irreps("16x0e"),
+        hidden_irreps="32x0e+32x1o",
+        MLP_irreps="16x0e",
         atomic_energies=np.zeros(4),
         avg_num_neighbors=12.0,
-        atomic_numbers=[1, 6, 7, 8],
-        correlation=2,
-        gate=torch.nn.functional.silu,
         atomic_inter_scale=0.01,  # random weights: keep forces small so the short runs stay physical
-        atomic_inter_shift=0.0,
     )
-    return model.to(dtype).eval()
+    return model.to(dtype)
 
 
 def mace_adapter():
@@ -164,31 +152,18 @@ def measure(label, ts_model, calculator, start, reference, sizes, steps):
 # ---------------------------------------------------------------------------------------------------
 def build_small_mace(dtype=torch.float64):
     """MACE with 16x0e+16x1o, max_ell 1, 2 layers (random weights): ~180 replica-steps/s here."""
-    from e3nn import o3
-    from mace import modules
+    from ggnd_plugin.testing import tiny_mace
 
-    torch.manual_seed(0)
-    interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
-    model = modules.ScaleShiftMACE(
+    model = tiny_mace(
         r_max=5.0,
         num_bessel=8,
-        num_polynomial_cutoff=5,
-        max_ell=1,
-        interaction_cls=interaction,
-        interaction_cls_first=interaction,
-        num_interactions=2,
-        num_elements=4,
-        hidden_irreps=o3.Irreps("16x0e+16x1o"),
-        MLP_irreps=o3.Irreps("16x0e"),
+        hidden_irreps="16x0e+16x1o",
+        MLP_irreps="16x0e",
         atomic_energies=np.zeros(4),
         avg_num_neighbors=12.0,
-        atomic_numbers=[1, 6, 7, 8],
-        correlation=2,
-        gate=torch.nn.functional.silu,
         atomic_inter_scale=0.01,
-        atomic_inter_shift=0.0,
     )
-    return model.to(dtype).eval()
+    return model.to(dtype)
 
 
 def summed(*models):

@@ -1,7 +1,7 @@
 """The pre-registered 3BPA stability study: docs/study-protocol.md, run by ``paper_3bpa.py --study``.
 
-Everything the protocol fixes is a constant here; nothing of it is a command-line option. The stages
-(each cached in ``--out``, so the same command resumes where it stopped):
+Everything the protocol fixes is a constant of ``study_protocol.py``; nothing of it is a command-line
+option. The stages (each cached in ``--out``, so the same command resumes where it stopped):
 
 1. data: train_300K split 450 / 50 (seed 0), the labelled test sets, the isolated-atom energies, and
    start set B: the package's own GFN2-xTB frames at 1200 K in the DFT set's atom order
@@ -24,7 +24,6 @@ import heapq
 import itertools
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -32,52 +31,26 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-PROTOCOL = "docs/study-protocol.md"
-HOSTS = ("mace", "nequip")
-SEEDS = (0, 1)
-SIZE = "tiny"
-EPOCHS = 150
-PATIENCE = 15
-REPLICAS = 20
-TIME_PS = 10.0
-MD_SEED = 0
-SPLIT_SEED = 0
-VALID_FRAMES = 50
-PACKAGE_1200K = ROOT / "ggnd_plugin" / "default_data" / "3bpa" / "3bpa_1200K.xyz"
-# (cell, temperature, start set); run in this order: the primary cell first.
-CELLS = (
-    ("1200K-B", 1200.0, "start_1200K_xtb"),
-    ("1200K-A", 1200.0, "test_600K"),
-    ("600K", 600.0, "test_600K"),
-    ("300K", 300.0, "test_300K"),
+from pipeline_3bpa import prepare_data, set_option, stage_cache
+from study_protocol import (
+    CELLS,
+    EPOCHS,
+    MD_SEED,
+    PACKAGE_1200K,
+    PATIENCE,
+    PRIMARY,
+    REPLICAS,
+    SIZE,
+    SMOKE,
+    SPLIT_SEED,
+    TIME_PS,
+    VALID_FRAMES,
+    study_models,
 )
-PRIMARY = "1200K-B"
-ALPHA = 0.05
-# GGND_STUDY_SMOKE=1: the same pipeline at toy size (2 epochs, 2 replicas, 0.02 ps) into its own --out, to
-# check the machinery; never the study.
-SMOKE = os.environ.get("GGND_STUDY_SMOKE") == "1"
-if SMOKE:
-    EPOCHS, PATIENCE, REPLICAS, TIME_PS = 2, 1, 2, 0.02
-
-
-def study_models() -> list[dict[str, Any]]:
-    return [
-        {"name": f"{host}{'+ggnd' if ggnd else ''}-s{seed}", "host": host, "ggnd": ggnd, "seed": seed}
-        for host in HOSTS
-        for ggnd in (False, True)
-        for seed in SEEDS
-    ]
 
 
 def _say(message: str) -> None:
     print(f"[study_3bpa {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def _stage(out: Path, name: str):
-    from ggnd_plugin.demo import _Stage
-
-    return _Stage(out, name)
 
 
 def _one_thread() -> None:
@@ -93,8 +66,6 @@ def _one_thread() -> None:
 def prepare(args) -> dict[str, Path]:
     """The split, the labelled tests, E0s (paper_3bpa.prepare_data with the protocol's settings) and
     start set B in the DFT atom order."""
-    from paper_3bpa import prepare_data
-
     from ggnd_plugin.data import match_atom_order, read_structures
     from ggnd_plugin.safe_io import atomic_path
 
@@ -118,7 +89,7 @@ def prepare(args) -> dict[str, Path]:
 # Workers (one process each, one thread)
 # --------------------------------------------------------------------------------------------------
 def fit_worker(args, data, model: dict[str, Any]) -> dict[str, Any]:
-    stage = _stage(args.out, f"fit-{model['name']}")
+    stage = stage_cache(args.out, f"fit-{model['name']}")
     if stage.done():
         return stage.read()
     _one_thread()
@@ -129,8 +100,6 @@ def fit_worker(args, data, model: dict[str, Any]) -> dict[str, Any]:
     work = args.out / "models" / model["name"]
     started = time.perf_counter()
     if model["host"] == "mace":
-        from paper_3bpa import _set_option
-
         from ggnd_plugin.adapters.mace_train import fit_command, run_fit
 
         command, path = fit_command(
@@ -145,7 +114,7 @@ def fit_worker(args, data, model: dict[str, Any]) -> dict[str, Any]:
             patience=PATIENCE,
         )
         e0s = json.loads(Path(data["e0s"]).read_text())
-        command = _set_option(command, "E0s", "{" + ", ".join(f"{z}: {e}" for z, e in e0s.items()) + "}")
+        command = set_option(command, "E0s", "{" + ", ".join(f"{z}: {e}" for z, e in e0s.items()) + "}")
         command.append("--restart_latest")  # MACE's own checkpoints: a stopped fit continues
         run_fit(command, work, EPOCHS, label=model["name"])
         epochs = _mace_epochs(work)
@@ -188,7 +157,7 @@ def _nequip_epochs(work: Path) -> int | None:
 
 
 def evaluate_worker(args, data, model: dict[str, Any], path: str) -> dict[str, Any]:
-    stage = _stage(args.out, f"evaluate-{model['name']}")
+    stage = stage_cache(args.out, f"evaluate-{model['name']}")
     if stage.done():
         return stage.read()
     _one_thread()
@@ -206,7 +175,7 @@ def evaluate_worker(args, data, model: dict[str, Any], path: str) -> dict[str, A
 
 
 def stability_worker(args, data, model: dict[str, Any], path: str, cell: str) -> dict[str, Any]:
-    stage = _stage(args.out, f"stability-{model['name']}-{cell}")
+    stage = stage_cache(args.out, f"stability-{model['name']}-{cell}")
     if stage.done():
         return stage.read()
     _one_thread()
@@ -295,7 +264,7 @@ def run(args) -> int:
                 if "fit" in stages:
                     add("fit", model, None, None)
                 else:
-                    fits[model["name"]] = _stage(args.out, f"fit-{model['name']}").read()
+                    fits[model["name"]] = stage_cache(args.out, f"fit-{model['name']}").read()
                     queue_after_fit(model, fits[model["name"]]["path"])
             running = {}
             while ready or running:
@@ -327,14 +296,6 @@ def _brief(kind: str, result: dict) -> str:
         failed = sum(r["failed"] for r in result["rows"])
         return f"{failed}/{len(result['rows'])} failed, {result['seconds'] / 60:.1f} min"
     return "errors on test_300K, test_600K, valid"
-
-
-def git_commit_of(path: str) -> str | None:
-    """The commit that last changed ``path`` (the protocol), to record with the results."""
-    done = subprocess.run(
-        ["git", "log", "-1", "--format=%H %cI", "--", path], cwd=ROOT, capture_output=True, text=True
-    )
-    return done.stdout.strip() or None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The report of the pre-registered 3BPA study (docs/study-protocol.md): every endpoint, from the cache.
 
-Imported by ``benchmarks/study_3bpa.py``; statistics from ``ggnd_plugin.md.survival`` (scipy).
+Imported by ``benchmarks/study_3bpa.py`` (it imports neither that script nor ``paper_3bpa.py``); statistics from ``ggnd_plugin.md.survival`` (scipy).
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from study_3bpa import (
+from pipeline_3bpa import stage_cache
+from study_protocol import (
     ALPHA,
     CELLS,
     EPOCHS,
@@ -25,7 +26,6 @@ from study_3bpa import (
     SIZE,
     SMOKE,
     TIME_PS,
-    _stage,
     git_commit_of,
 )
 
@@ -88,19 +88,19 @@ def write_report(args, data, models) -> dict[str, Any]:
     from ggnd_plugin.safe_io import atomic_write_text
 
     fits = {
-        m["name"]: _stage(args.out, f"fit-{m['name']}").read()
+        m["name"]: stage_cache(args.out, f"fit-{m['name']}").read()
         for m in models
-        if _stage(args.out, f"fit-{m['name']}").done()
+        if stage_cache(args.out, f"fit-{m['name']}").done()
     }
     errors = {
-        m["name"]: _stage(args.out, f"evaluate-{m['name']}").read()
+        m["name"]: stage_cache(args.out, f"evaluate-{m['name']}").read()
         for m in models
-        if _stage(args.out, f"evaluate-{m['name']}").done()
+        if stage_cache(args.out, f"evaluate-{m['name']}").done()
     }
     cells = {}
     for model in models:
         for cell, _, _ in CELLS:
-            stage = _stage(args.out, f"stability-{model['name']}-{cell}")
+            stage = stage_cache(args.out, f"stability-{model['name']}-{cell}")
             if stage.done():
                 cells[(model["name"], cell)] = stage.read()
     endpoints: dict[str, Any] = {"primary": {}, "secondary": {}}

@@ -12,8 +12,8 @@ Four tools, used by every command that writes:
   into a non-empty folder that is not the run's own resumable output, unless ``--overwrite``; refuse an
   output that is one of the inputs, always.
 * :func:`output_lock`: one run per output. A lock file next to the output holds the writer's pid and
-  command; the lock itself is an ``flock`` on it, which the kernel drops when the process dies, so a
-  lock left by a killed run never blocks the next one.
+  command; the lock itself is :mod:`filelock`'s (an ``flock`` on it on Unix), which the operating system
+  drops when the process dies, so a lock left by a killed run never blocks the next one.
 * :func:`verified_torch_load`: checkpoints are ``torch.save`` zip archives with a CRC-32 per record;
   every record is checked before unpickling, so a truncated or damaged checkpoint is reported
   (:class:`~ggnd_plugin.errors.CorruptFileError`) instead of loaded.
@@ -313,66 +313,11 @@ def _holder(lock: Path) -> str:
     return f"pid {record.get('pid', '?')} on {record.get('host', '?')}, started {when}: {command}"
 
 
-_held: dict[str, list] = {}
-
-
-def _lock_record() -> bytes:
+def _lock_record() -> str:
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
     return json.dumps(
         {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": command}
-    ).encode()
-
-
-def _acquire_flock(lock: Path, target: Path) -> int:
-    import fcntl
-
-    for _ in range(50):
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputLockedError(
-                f"{target} is in use by another run ({_holder(lock)}); wait for it to finish or stop it "
-                f"(lock file {lock})"
-            ) from None
-        # The holder before us removes the file as it releases: make sure we locked the file that is
-        # at the path now, not one that was just unlinked.
-        try:
-            current = os.stat(lock)
-        except FileNotFoundError:
-            os.close(fd)
-            continue
-        if current.st_ino != os.fstat(fd).st_ino:
-            os.close(fd)
-            continue
-        os.ftruncate(fd, 0)
-        os.write(fd, _lock_record())
-        return fd
-    raise OutputLockedError(f"{target}: could not take the lock {lock}")
-
-
-def _acquire_pidfile(lock: Path, target: Path) -> int:
-    # Platforms without flock: the lock is the file's existence; a lock whose pid is gone is stale.
-    for _ in range(50):
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(json.loads(lock.read_text() or "{}").get("pid", 0))
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid_alive(pid):
-                raise OutputLockedError(
-                    f"{target} is in use by another run ({_holder(lock)}); wait for it to finish or stop "
-                    f"it (lock file {lock})"
-                ) from None
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-            continue
-        os.write(fd, _lock_record())
-        return fd
-    raise OutputLockedError(f"{target}: could not take the lock {lock}")
+    )
 
 
 @contextlib.contextmanager
@@ -383,33 +328,36 @@ def output_lock(target: str | Path, folder: bool = True) -> Iterator[Path]:
     second process gets :class:`OutputLockedError` at once, with the holder's pid and command. Stale
     temporary files of killed writers in the output's folder are removed once the lock is held.
     """
+    from filelock import FileLock, Timeout
+
     target = Path(target)
     directory = target if folder else target.parent
     directory.mkdir(parents=True, exist_ok=True)
     lock = lock_path(target, folder)
-    key = str(lock.resolve())
-    if key in _held:
-        _held[key][1] += 1
-        try:
-            yield lock
-        finally:
-            _held[key][1] -= 1
-        return
+    # One instance per lock file in the process (keyed by its resolved path, however the output was named),
+    # so that taking it again only counts up.
+    file_lock = FileLock(lock.resolve(), is_singleton=True, thread_local=False)
+    outermost = not file_lock.is_locked
     try:
-        import fcntl  # noqa: F401
-
-        fd = _acquire_flock(lock, target)
-    except ImportError:
-        fd = _acquire_pidfile(lock, target)
-    _held[key] = [fd, 1]
+        # A short wait, not none: a holder that is releasing right now unlinks the file, and filelock then
+        # retries on the new one.
+        file_lock.acquire(timeout=0.1)
+    except Timeout:
+        raise OutputLockedError(
+            f"{target} is in use by another run ({_holder(lock)}); wait for it to finish or stop it "
+            f"(lock file {lock})"
+        ) from None
     try:
-        remove_stale_temporaries(directory)
+        if outermost:
+            lock.write_text(_lock_record())  # who holds it, for the message a second run prints
+            remove_stale_temporaries(directory)
         yield lock
     finally:
-        del _held[key]
-        with contextlib.suppress(OSError):
-            lock.unlink()
-        os.close(fd)
+        if outermost:
+            # Unlinked while still held: a run waiting on this file finds it gone and locks a new one.
+            with contextlib.suppress(OSError):
+                lock.unlink()
+        file_lock.release()
 
 
 # --------------------------------------------------------------------------------------------------

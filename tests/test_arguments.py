@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from ggnd_plugin.cli import build_parser, main
+from ggnd_plugin.default_data import default_data_path
 
 THIRDPARTY = Path(__file__).parent / "thirdparty"
-DATA = Path(__file__).resolve().parents[1] / "ggnd_plugin" / "default_data" / "3bpa" / "3bpa_300K_train.xyz"
+DATA = default_data_path("3bpa_300K_train")
 # Commands that still print argparse's usage block (none: every command reports one line).
 USAGE_BLOCK_COMMANDS: set[str] = set()
 

@@ -7,14 +7,13 @@ test in test_stability.py allows 1e-9).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from ase.build import bulk
 from ase.io import read
 
+from ggnd_plugin.default_data import default_data_path
 from ggnd_plugin.errors import GGNDError
 from ggnd_plugin.md import metrics
 from ggnd_plugin.md.reference_models import bonded_morse_model
@@ -29,17 +28,15 @@ from ggnd_plugin.md.stability import (
     run_stability,
 )
 
-DATA = Path(__file__).resolve().parents[1] / "ggnd_plugin" / "default_data" / "3bpa"
-
 
 @pytest.fixture(scope="module")
 def reference():
-    return read(DATA / "3bpa_300K_train.xyz", index=":100")
+    return read(default_data_path("3bpa_300K_train"), index=":100")
 
 
 @pytest.fixture(scope="module")
 def start():
-    return read(DATA / "3bpa_300K_test.xyz", index=":20")
+    return read(default_data_path("3bpa_300K_test"), index=":20")
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ generate and run TorchInductor's kernels (minutes of compilation on a small CPU)
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +16,9 @@ from conftest import TOY_IRREPS, TOY_SPECIES, random_molecule, toy_host_features
 
 from ggnd_plugin.block import FeatureSpec, GGNDBlock, GGNDConfig, system_energy
 from ggnd_plugin.block_compile import compile_blocks
+from ggnd_plugin.default_data import default_data_path
 
-REPO = Path(__file__).resolve().parents[1]
-FRAMES = REPO / "ggnd_plugin" / "default_data" / "3bpa" / "3bpa_300K_test.xyz"
+FRAMES = default_data_path("3bpa_300K_test")
 CONFIG = GGNDConfig(channels=8, heads=2, steps=2)
 
 
@@ -99,19 +97,16 @@ def test_compile_blocks_is_used_in_eval_and_skipped_in_training():
 
 
 def _upgraded(host: str):
-    sys.path.insert(0, str(REPO / "tests"))
-    if host == "mace":
-        from test_mace import tiny_mace
+    from ggnd_plugin import testing
 
+    if host == "mace":
         from ggnd_plugin.adapters.mace import MACEAdapter
 
-        adapter, plain = MACEAdapter(), tiny_mace()
+        adapter, plain = MACEAdapter(), testing.tiny_mace()
     else:
-        from test_schnetpack import build_model
-
         from ggnd_plugin.adapters.schnetpack import SchNetPackAdapter
 
-        adapter, plain = SchNetPackAdapter(), build_model("painn")
+        adapter, plain = SchNetPackAdapter(), testing.tiny_schnetpack("painn")
     torch.manual_seed(2)
     model = adapter.attach(plain, CONFIG)
     for block in adapter.ggnd_blocks(model):

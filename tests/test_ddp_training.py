@@ -24,9 +24,10 @@ import yaml
 from ase.io import read, write
 
 from ggnd_plugin.cli import main
+from ggnd_plugin.default_data import default_data_path
 
 TESTS = Path(__file__).resolve().parent
-DATA = TESTS.parent / "ggnd_plugin" / "default_data" / "3bpa" / "3bpa_300K_train.xyz"
+DATA = default_data_path("3bpa_300K_train")
 CHECK = "ggnd_plugin.lightning_ddp.GGNDParameterCheck"
 
 
@@ -133,38 +134,12 @@ def test_spktrain_with_lightning_ddp(frames, tmp_path, capsys):
 
 
 def _tiny_mace_with_ggnd(path: Path) -> Path:
-    import numpy as np
-    from e3nn import o3
-    from mace import modules
-    from mace.tools import torch_tools
-
     from ggnd_plugin.adapters.mace import MACEAdapter
     from ggnd_plugin.block import GGNDConfig
+    from ggnd_plugin.testing import tiny_mace
 
-    with torch_tools.default_dtype(torch.float64):
-        torch.manual_seed(0)
-        interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
-        host = modules.ScaleShiftMACE(
-            r_max=4.0,
-            num_bessel=4,
-            num_polynomial_cutoff=5,
-            max_ell=1,
-            interaction_cls=interaction,
-            interaction_cls_first=interaction,
-            num_interactions=2,
-            num_elements=4,
-            hidden_irreps=o3.Irreps("8x0e+8x1o"),
-            MLP_irreps=o3.Irreps("4x0e"),
-            atomic_energies=np.array([-13.6, -1029.5, -1485.0, -2042.0]),
-            avg_num_neighbors=8.0,
-            atomic_numbers=[1, 6, 7, 8],
-            correlation=2,
-            gate=torch.nn.functional.silu,
-            atomic_inter_scale=0.5,
-            atomic_inter_shift=0.0,
-        )
     adapter = MACEAdapter()
-    model = adapter.attach(host, GGNDConfig(channels=8, heads=2, steps=2, version=2))
+    model = adapter.attach(tiny_mace(), GGNDConfig(channels=8, heads=2, steps=2, version=2))
     return adapter.save(model, path)
 
 

@@ -13,6 +13,10 @@ import pytest
 
 pytest.importorskip("mace")
 
+# The whole demo end to end (MACE fits through the host's training command, fine-tuning, MD): the tests
+# run it (issue 5) in `make test-slow`, with the other host training runs end to end.
+pytestmark = pytest.mark.slow
+
 MODELS = ("baseline", "ggnd-scratch", "ggnd-upgrade")
 
 

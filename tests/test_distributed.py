@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from ggnd_plugin.cli import main
+from ggnd_plugin.default_data import default_data_path
 
 TESTS = Path(__file__).resolve().parent
-DATA = TESTS.parent / "ggnd_plugin" / "default_data" / "3bpa"
 DRIVER = TESTS / "distributed_driver.py"
 
 
@@ -54,7 +54,7 @@ def model_file(tmp_path_factory):
 
     from ggnd_plugin.md.metrics import reference_bonds
 
-    reference = read(DATA / "3bpa_300K_train.xyz", ":100")
+    reference = read(default_data_path("3bpa_300K_train"), ":100")
     path = tmp_path_factory.mktemp("model") / "bonded.pt"
     torch.save(dict(zip(("pairs", "lengths"), reference_bonds(reference), strict=True)), path)
     return path
@@ -62,8 +62,8 @@ def model_file(tmp_path_factory):
 
 def _stability(model_file, out, *extra):
     return [
-        "stability", str(model_file), "--start", str(DATA / "3bpa_300K_test.xyz"),
-        "--reference", str(DATA / "3bpa_300K_train.xyz"), "--temperature", "300", "5000",
+        "stability", str(model_file), "--start", str(default_data_path("3bpa_300K_test")),
+        "--reference", str(default_data_path("3bpa_300K_train")), "--temperature", "300", "5000",
         "--replicas", "3", "--time-ps", "0.3", "--checkpoint-every", "50", "--no-progress",
         "--no-plots", "--out", str(out), *extra,
     ]  # fmt: skip

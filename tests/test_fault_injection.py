@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -35,12 +36,13 @@ import torch
 
 from ggnd_plugin import safe_io
 from ggnd_plugin.cli import main
+from ggnd_plugin.default_data import default_data_path
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 THIRDPARTY = TESTS / "thirdparty"
-DATA = REPO / "ggnd_plugin" / "default_data" / "3bpa" / "3bpa_300K_train.xyz"
-START = REPO / "ggnd_plugin" / "default_data" / "3bpa" / "3bpa_300K_test.xyz"
+DATA = default_data_path("3bpa_300K_train")
+START = default_data_path("3bpa_300K_test")
 SEEDS = (0, 1, 2, 3)  # even seeds: a write point; odd seeds: a random time
 
 # Totals over the tests of this file (printed after them; the README quotes them).
@@ -325,6 +327,18 @@ def _trainers_of(work: Path) -> list[int]:
     return pids
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) the processes have used so far, from /proc/PID/stat."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime and stime, fields 14 and 15 of stat
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 @pytest.mark.parametrize("host", ["mace", "nequip", "schnetpack"])
 def test_host_fit_killed_restarts_from_scratch_to_the_clean_model(host, tmp_path):
     from ase.io import write
@@ -341,9 +355,10 @@ def test_host_fit_killed_restarts_from_scratch_to_the_clean_model(host, tmp_path
     write(valid, frames[8:10])
     inputs = _digest([train, valid])
 
-    started = time.perf_counter()
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     clean = adapter.fit(train, valid, tmp_path / "clean", config=None, epochs=2, seed=0, size="tiny")
-    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    fit_cpu = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
 
     # The process that called fit() is SIGKILLed mid-fit; its trainer must die with it.
     work = tmp_path / "killed"
@@ -354,7 +369,11 @@ def test_host_fit_killed_restarts_from_scratch_to_the_clean_model(host, tmp_path
         stderr=subprocess.DEVNULL,
     )
     TALLY["runs"] += 1
-    time.sleep(rng.uniform(0.35, 0.85) * seconds)
+    # Killed once it has done a random share of the clean fit's work: measured in CPU time, not wall time,
+    # so a busy machine moves the kill point no more than an idle one.
+    share = rng.uniform(0.35, 0.85) * fit_cpu
+    while parent.poll() is None and _cpu_seconds(_trainers_of(work)) < share:
+        time.sleep(0.05)
     assert parent.poll() is None, "the fit finished before the kill: lengthen the run"
     parent.send_signal(signal.SIGKILL)
     parent.wait()

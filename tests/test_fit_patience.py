@@ -3,12 +3,11 @@ plateau learning-rate schedule (the command or config the host's trainer runs)."
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-DATA = Path(__file__).resolve().parents[1] / "ggnd_plugin" / "default_data" / "3bpa"
-TRAIN, VALID = DATA / "3bpa_300K_train.xyz", DATA / "3bpa_300K_test.xyz"
+from ggnd_plugin.default_data import default_data_path
+
+TRAIN, VALID = default_data_path("3bpa_300K_train"), default_data_path("3bpa_300K_test")
 
 
 def _option(command: list[str], flag: str) -> str:

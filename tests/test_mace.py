@@ -18,52 +18,20 @@ pytest.importorskip("mace")
 from ase import Atoms  # noqa: E402
 from ase.io import read, write  # noqa: E402
 
+from ggnd_plugin import testing  # noqa: E402
 from ggnd_plugin.adapters.base import validate_adapter  # noqa: E402
 from ggnd_plugin.adapters.mace import GGNDMACE, MACEAdapter, sniff_model_file  # noqa: E402
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
+from ggnd_plugin.default_data import default_data_path  # noqa: E402
 from ggnd_plugin.errors import GGNDError  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "3bpa"  # ../shared beside the checkout
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "data"
 E3NN044_MODEL = FIXTURES / "mace_e3nn044.model"
 E3NN044_PREDICTIONS = FIXTURES / "mace_e3nn044_predictions.json"
-ELEMENTS = [1, 6, 7, 8]
+ELEMENTS = list(testing.ELEMENTS)
 CONFIG = GGNDConfig(channels=8, heads=2, steps=2)
 PERIODIC_CONFIG = GGNDConfig(channels=8, heads=2, steps=2, r_g=5.0)
-
-pytestmark = pytest.mark.skipif(not DATA.exists(), reason="3BPA data not found at ../shared/data/3bpa")
-
-
-def tiny_mace(seed: int = 0):
-    """A random ScaleShiftMACE for H, C, N, O built in float64 (MACE computes buffers in the default dtype)."""
-    from e3nn import o3
-    from mace import modules
-    from mace.tools import torch_tools
-
-    with torch_tools.default_dtype(torch.float64):
-        torch.manual_seed(seed)
-        interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
-        model = modules.ScaleShiftMACE(
-            r_max=4.0,
-            num_bessel=4,
-            num_polynomial_cutoff=5,
-            max_ell=1,
-            interaction_cls=interaction,
-            interaction_cls_first=interaction,
-            num_interactions=2,
-            num_elements=len(ELEMENTS),
-            hidden_irreps=o3.Irreps("8x0e+8x1o"),
-            MLP_irreps=o3.Irreps("4x0e"),
-            atomic_energies=np.array([-13.6, -1029.5, -1485.0, -2042.0]),
-            avg_num_neighbors=8.0,
-            atomic_numbers=ELEMENTS,
-            correlation=2,
-            gate=torch.nn.functional.silu,
-            atomic_inter_scale=0.5,
-            atomic_inter_shift=0.0,
-        )
-    return model.eval()
 
 
 def perturbed(model: GGNDMACE, seed: int = 1) -> GGNDMACE:
@@ -99,14 +67,14 @@ def adapter():
 
 @pytest.fixture(scope="module")
 def host():
-    return tiny_mace()
+    return testing.tiny_mace()
 
 
 @pytest.fixture(scope="module")
 def frames():
     from ggnd_plugin.data import read_labelled
 
-    return read_labelled(DATA / "test_300K.xyz", index=":3")
+    return read_labelled(default_data_path("3bpa_300K_test"), index=":3")
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +304,7 @@ def test_legacy_e3nn_file_converts_exactly(adapter):
         torch.load(E3NN044_MODEL, weights_only=False)
     model = adapter.load(E3NN044_MODEL)
     assert extract_config_mace_model(model)["atomic_numbers"].tolist() == stored["atomic_numbers"]
-    frames = read(DATA / stored["frames"]["file"], stored["frames"]["index"])
+    frames = read(default_data_path(stored["frames"]["file"]), stored["frames"]["index"])
     prediction = adapter.predict(model, frames)
     de = np.abs(prediction.energy.numpy() - np.array(stored["energy"])).max()
     df = np.abs(prediction.forces.numpy() - np.concatenate(stored["forces"])).max()
@@ -484,7 +452,7 @@ def test_fit_command_parses_back_with_device_and_variant(tmp_path):
 
 @pytest.mark.slow
 def test_ggnd_mace_train_end_to_end(adapter, tmp_path):
-    frames = read(DATA / "train_300K.xyz", ":8")
+    frames = read(default_data_path("3bpa_300K_train"), ":8")
     write(tmp_path / "train.xyz", frames[:6])
     write(tmp_path / "valid.xyz", frames[6:])
     command = [

@@ -21,38 +21,15 @@ from ase.io import read, write  # noqa: E402
 from ggnd_plugin.adapters.base import validate_adapter  # noqa: E402
 from ggnd_plugin.adapters.nequip import NequIPAdapter  # noqa: E402
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
+from ggnd_plugin.default_data import default_data_path  # noqa: E402
 from ggnd_plugin.errors import GGNDError  # noqa: E402
+from ggnd_plugin.testing import tiny_nequip  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "3bpa"  # ../shared beside the checkout
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = REPO / "tests" / "data" / "nequip_ggnd_train.yaml"
 FINETUNE_CONFIG = REPO / "tests" / "data" / "nequip_ggnd_finetune.yaml"
 BIN = Path(sys.executable).parent
 CONFIG = GGNDConfig(channels=8, heads=2, steps=2)
-
-pytestmark = pytest.mark.skipif(not DATA.exists(), reason="3BPA data not found at ../shared/data/3bpa")
-
-
-def _tiny_model():
-    from nequip.model import NequIPGNNModel
-    from nequip.utils.global_state import set_global_state
-
-    set_global_state()
-    model = NequIPGNNModel(
-        seed=0,
-        model_dtype="float64",
-        type_names=["C", "H", "N", "O"],
-        r_max=4.0,
-        num_layers=2,
-        l_max=1,
-        parity=False,
-        num_features=8,
-        radial_mlp_width=16,
-        avg_num_neighbors=10.0,
-        per_type_energy_shifts={"C": -1030.0, "H": -13.6, "N": -1485.0, "O": -2040.0},
-        per_type_energy_scales=0.5,
-    )
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +39,12 @@ def adapter():
 
 @pytest.fixture(scope="module")
 def host():
-    return _tiny_model()
+    return tiny_nequip()
 
 
 @pytest.fixture(scope="module")
 def frames():
-    return read(DATA / "train_300K.xyz", ":3")
+    return read(default_data_path("3bpa_300K_train"), ":3")
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +258,7 @@ def test_torchsim_agrees_with_ase_and_validates(adapter, perturbed, frames):
         return state
 
     # TorchSim's checks use crystals: periodic GGND needs a pair radius r_g (image pairs within it).
-    periodic = adapter.attach(_tiny_model(), GGNDConfig(channels=8, heads=2, steps=2, r_g=5.0))
+    periodic = adapter.attach(tiny_nequip(), GGNDConfig(channels=8, heads=2, steps=2, r_g=5.0))
     with torch.no_grad():
         for parameter in adapter.ggnd_parameters(periodic):
             parameter.add_(0.1)
@@ -327,7 +304,7 @@ def _nequip_train(config: Path, work: Path, run: str, *overrides: str) -> Path:
 def train_work(tmp_path_factory):
     """Ten 3BPA frames for training and two for testing."""
     work = tmp_path_factory.mktemp("nequip_train")
-    frames = read(DATA / "train_300K.xyz", ":12")
+    frames = read(default_data_path("3bpa_300K_train"), ":12")
     write(work / "train.xyz", frames[:10])
     write(work / "test.xyz", frames[10:])
     return work

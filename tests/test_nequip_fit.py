@@ -18,9 +18,10 @@ from ase.io import read, write  # noqa: E402
 
 from ggnd_plugin.adapters.nequip import SIZES, NequIPAdapter, fit_config  # noqa: E402
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
+from ggnd_plugin.default_data import default_data_path
 from ggnd_plugin.errors import GGNDError  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / "ggnd_plugin" / "default_data" / "3bpa" / "3bpa_300K_train.xyz"
+DATA = default_data_path("3bpa_300K_train")
 CONFIG = GGNDConfig(channels=8, heads=2, steps=2)
 MODELS = ("baseline", "ggnd-scratch", "ggnd-upgrade")
 

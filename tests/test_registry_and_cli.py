@@ -19,10 +19,10 @@ from ggnd_plugin import registry
 from ggnd_plugin.adapters.base import validate_adapter
 from ggnd_plugin.cli import main
 from ggnd_plugin.data import read_labelled
+from ggnd_plugin.default_data import default_data_path
 from ggnd_plugin.errors import GGNDError
 
 THIRDPARTY = Path(__file__).parent / "thirdparty"
-BPA = Path(__file__).resolve().parents[2] / "shared" / "data" / "3bpa"
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def toyhost(monkeypatch):
 
 @pytest.fixture
 def frames():
-    return read_labelled(BPA / "train_300K.xyz", index=":12")
+    return read_labelled(default_data_path("3bpa_300K_train"), index=":12")
 
 
 @pytest.fixture

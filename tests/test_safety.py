@@ -23,10 +23,11 @@ from ggnd_plugin import safe_io
 from ggnd_plugin import validation as v
 from ggnd_plugin.cli import main
 from ggnd_plugin.data import read_labelled, read_structures
+from ggnd_plugin.default_data import default_data_path
 from ggnd_plugin.errors import CorruptFileError, GGNDError, OutputExistsError, OutputLockedError
 
 THIRDPARTY = Path(__file__).parent / "thirdparty"
-DATA = Path(__file__).resolve().parents[1] / "ggnd_plugin" / "default_data" / "3bpa" / "3bpa_300K_train.xyz"
+DATA = default_data_path("3bpa_300K_train")
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -23,53 +23,17 @@ from ggnd_plugin.adapters.base import validate_adapter  # noqa: E402
 from ggnd_plugin.adapters.schnetpack import SchNetPackAdapter, run_metadata  # noqa: E402
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
 from ggnd_plugin.data import read_labelled  # noqa: E402
+from ggnd_plugin.default_data import default_data_path  # noqa: E402
 from ggnd_plugin.errors import GGNDError  # noqa: E402
+from ggnd_plugin.testing import tiny_schnetpack  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "3bpa"  # ../shared beside the checkout
+TRAIN = default_data_path("3bpa_300K_train")
+TEST = default_data_path("3bpa_300K_test")
 PYTHON = sys.executable
 CUTOFF = 4.0
 ELEMENTS = [1, 6, 7, 8]
 CONFIG = GGNDConfig(channels=8, heads=2, steps=2)
 KINDS = ["painn", "schnet"]
-
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="3BPA data not available")
-
-
-def build_model(kind: str, dtype=torch.float64, mean_per_atom: float = -654.0):
-    """A tiny random SchNetPack NeuralNetworkPotential with the postprocessing spktrain saves."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)  # SchNetPack's GaussianRBF builds torch.FloatTensor
-    try:
-        torch.manual_seed(0)
-        common = dict(
-            n_atom_basis=8,
-            n_interactions=2,
-            radial_basis=spk.nn.GaussianRBF(n_rbf=6, cutoff=CUTOFF),
-            cutoff_fn=spk.nn.CosineCutoff(CUTOFF),
-        )
-        representation = (
-            spk.representation.PaiNN(**common) if kind == "painn" else spk.representation.SchNet(**common)
-        )
-        model = spk.model.NeuralNetworkPotential(
-            representation=representation,
-            input_modules=[spk.atomistic.PairwiseDistances()],
-            output_modules=[
-                spk.atomistic.Atomwise(n_in=8, output_key="energy", aggregation_mode="sum"),
-                spk.atomistic.Forces(energy_key="energy", force_key="forces"),
-            ],
-            postprocessors=[
-                spk.transform.CastTo64(),
-                spk.transform.AddOffsets(
-                    "energy", add_mean=True, property_mean=torch.tensor([mean_per_atom])
-                ),
-            ],
-        )
-    finally:
-        torch.set_default_dtype(previous)
-    model = model.to(dtype)
-    SchNetPackAdapter.set_elements(model, ELEMENTS)
-    SchNetPackAdapter.set_units(model, "eV", "Ang")
-    return model
 
 
 def perturb(adapter, model, seed=1, scale=0.3):
@@ -84,7 +48,7 @@ def perturb(adapter, model, seed=1, scale=0.3):
 
 @pytest.fixture(scope="module")
 def frames():
-    return read_labelled(DATA / "test_300K.xyz", ":3")
+    return read_labelled(TEST, ":3")
 
 
 @pytest.fixture
@@ -94,7 +58,7 @@ def adapter():
 
 def upgraded(adapter, kind, config=CONFIG):
     torch.manual_seed(3)
-    return perturb(adapter, adapter.attach(build_model(kind), config))
+    return perturb(adapter, adapter.attach(tiny_schnetpack(kind), config))
 
 
 def rotation(seed=5):
@@ -116,7 +80,7 @@ def test_input_keys_are_schnetpack_properties():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_validate_adapter_and_exact_zero_init(adapter, frames, tmp_path, kind):
-    model = build_model(kind)
+    model = tiny_schnetpack(kind)
     before = adapter.predict(model, frames)
     up = validate_adapter(adapter, model, frames, tmp_path, CONFIG, atol=1e-9)
     after = adapter.predict(up, frames)
@@ -138,7 +102,7 @@ def test_validate_adapter_and_exact_zero_init(adapter, frames, tmp_path, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_rotation_invariance_and_equivariance(adapter, frames, kind):
     model = upgraded(adapter, kind)
-    host = adapter.predict(build_model(kind), frames)
+    host = adapter.predict(tiny_schnetpack(kind), frames)
     prediction = adapter.predict(model, frames)
     assert (prediction.energy - host.energy).abs().min() > 1e-3, "GGND should change the energy here"
     rot = rotation()
@@ -177,7 +141,8 @@ def test_training_lowers_the_loss_and_moves_ggnd(adapter, frames):
     from ggnd_plugin.training import FinetuneSettings, loss_of
 
     torch.manual_seed(3)
-    model = adapter.attach(build_model("painn", mean_per_atom=-654.09), CONFIG)
+    fitted_mean = float(np.mean([atoms.info["energy"] / len(atoms) for atoms in frames]))
+    model = adapter.attach(tiny_schnetpack("painn", mean_per_atom=fitted_mean), CONFIG)
     model.train()
     settings = FinetuneSettings(forces_weight=10.0)
     ggnd = list(adapter.ggnd_parameters(model))
@@ -228,7 +193,7 @@ def test_save_and_reload_in_a_fresh_process(adapter, frames, tmp_path):
         assert adapter.recognises_file(paths[-1])
         expected.append(adapter.predict(model, frames))
     result = subprocess.run(
-        [PYTHON, "-c", FRESH_PROCESS, str(DATA / "test_300K.xyz"), *map(str, paths)],
+        [PYTHON, "-c", FRESH_PROCESS, str(TEST), *map(str, paths)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -291,7 +256,7 @@ def _all_carbon(state):
 def test_torchsim_validate_model_outputs(adapter):
     from torch_sim.models.interface import validate_model_outputs
 
-    plain = adapter.torchsim_model(build_model("painn"))
+    plain = adapter.torchsim_model(tiny_schnetpack("painn"))
     validate_model_outputs(plain, torch.device("cpu"), torch.float64, check_detached=True)
     # The validator's crystals are periodic: the block then needs a finite global radius r_g.
     periodic = upgraded(adapter, "painn", GGNDConfig(channels=8, heads=2, steps=2, r_g=4.5))
@@ -334,7 +299,7 @@ def test_units_are_converted_like_spkcalculator(adapter, frames, tmp_path):
     from schnetpack.interfaces import SpkCalculator
     from schnetpack.transform import MatScipyNeighborList
 
-    model = build_model("schnet")
+    model = tiny_schnetpack("schnet")
     raw = adapter.predict(model, frames[:1])  # recorded as eV: the raw numbers
     adapter.set_units(model, "kcal/mol", "Ang")
     converted = adapter.predict(model, frames[:1])
@@ -358,7 +323,7 @@ def test_float32_model_under_a_float64_default(adapter, frames):
 
     assert torch.get_default_dtype() == torch.float64
     torch.manual_seed(3)
-    model = perturb(adapter, adapter.attach(build_model("painn", dtype=torch.float32), CONFIG))
+    model = perturb(adapter, adapter.attach(tiny_schnetpack("painn", dtype=torch.float32), CONFIG))
     prediction = adapter.predict(model, frames[:2])
     atoms = frames[0].copy()
     atoms.calc = adapter.ase_calculator(model)
@@ -370,12 +335,12 @@ def test_float32_model_under_a_float64_default(adapter, frames):
 
 
 def test_clear_errors(adapter, frames, tmp_path):
-    model = build_model("painn")
+    model = tiny_schnetpack("painn")
     del model.ggnd_atomic_numbers
     with pytest.raises(GGNDError, match="GGND_SCHNETPACK_ELEMENTS"):
         adapter.attach(model, CONFIG)
     # A GGND model refuses elements it was not built for, naming them.
-    up = adapter.attach(SchNetPackAdapter.set_elements(build_model("painn"), [1, 6, 8]), CONFIG)
+    up = adapter.attach(SchNetPackAdapter.set_elements(tiny_schnetpack("painn"), [1, 6, 8]), CONFIG)
     with pytest.raises(GGNDError, match="contains N"):
         adapter.predict(up, frames[:1])
     with pytest.raises(GGNDError, match="contains N"):
@@ -398,7 +363,7 @@ def test_clear_errors(adapter, frames, tmp_path):
 
 
 def test_elements_from_environment(adapter, tmp_path, monkeypatch):
-    model = build_model("painn")
+    model = tiny_schnetpack("painn")
     del model.ggnd_atomic_numbers, model.ggnd_units
     path = adapter.save(model, tmp_path / "best_model")
     monkeypatch.setenv("GGND_SCHNETPACK_ELEMENTS", "H, C,N,8")
@@ -507,16 +472,16 @@ def database(tmp_path, capsys):
     from ggnd_plugin.adapters.schnetpack_data import main
 
     db = tmp_path / "3bpa.db"
-    assert main([str(DATA / "train_300K.xyz"), str(db), "--index", ":10"]) == 0
+    assert main([str(TRAIN), str(db), "--index", ":10"]) == 0
     assert "wrote 10 frames" in capsys.readouterr().out
-    assert main([str(DATA / "train_300K.xyz"), str(db)]) == 2  # refuses to overwrite silently
+    assert main([str(TRAIN), str(db)]) == 2  # refuses to overwrite silently
     from ase.db import connect
 
     with connect(db) as connection:
         assert len(connection) == 10
         assert connection.metadata["_property_unit_dict"] == {"energy": "eV", "forces": "eV/Ang"}
         row = connection.get(3)
-    reference = read_labelled(DATA / "train_300K.xyz", "2")[0]
+    reference = read_labelled(TRAIN, "2")[0]
     assert row.data["energy"][0] == reference.info["energy"]
     assert np.array_equal(row.data["forces"], reference.arrays["forces"])
     assert np.array_equal(row.positions, reference.positions)
@@ -544,11 +509,11 @@ def test_spktrain_ggnd_experiment_end_to_end(adapter, database, tmp_path):
     assert adapter.ggnd_blocks(model)
     assert adapter.atomic_numbers(model) == ELEMENTS and adapter.units(model) == ("eV", "Ang")
     assert run_metadata(best)["atomic_numbers"] == ELEMENTS
-    frames = read_labelled(DATA / "train_300K.xyz", ":2")
+    frames = read_labelled(TRAIN, ":2")
     prediction = adapter.predict(model, frames)
     assert torch.isfinite(prediction.energy).all() and torch.isfinite(prediction.forces).all()
     # SchNetPack's own calculator on the file agrees (float32 model; SpkCalculator casts the float64
-    # AddOffsets mean to float32, about 1 meV at -17660 eV).
+    # AddOffsets mean to float32: float32 rounding of a total energy).
     from schnetpack.interfaces import SpkCalculator
     from schnetpack.transform import MatScipyNeighborList
 
@@ -576,6 +541,6 @@ def test_spktrain_plain_model_then_ggnd_upgrade_cli(adapter, database, tmp_path)
     # Elements and units came from the run's config.yaml and database, and are kept in the upgrade.
     assert adapter.atomic_numbers(plain) == ELEMENTS and adapter.units(plain) == ("eV", "Ang")
     assert adapter.ggnd_blocks(up) and adapter.atomic_numbers(up) == ELEMENTS
-    frames = read(DATA / "test_300K.xyz", ":2")
+    frames = read(TEST, ":2")
     a, b = adapter.predict(plain, frames), adapter.predict(up, frames)
     assert (a.energy - b.energy).abs().max() == 0 and (a.forces - b.forces).abs().max() == 0

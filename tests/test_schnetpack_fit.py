@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,12 +16,11 @@ from ase.io import write  # noqa: E402
 from ggnd_plugin.adapters.schnetpack import FIT_LOG, SchNetPackAdapter, fit_command  # noqa: E402
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
 from ggnd_plugin.data import read_labelled  # noqa: E402
+from ggnd_plugin.default_data import default_data_path
 from ggnd_plugin.errors import GGNDError  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / "ggnd_plugin" / "default_data" / "3bpa" / "3bpa_300K_train.xyz"
+DATA = default_data_path("3bpa_300K_train")
 ELEMENTS = [1, 6, 7, 8]
-
-pytestmark = pytest.mark.skipif(not DATA.is_file(), reason="packaged 3BPA data not available")
 
 
 @pytest.fixture(scope="module")

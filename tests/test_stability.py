@@ -1,13 +1,13 @@
 """Stability tooling: the criteria on hand-made trajectories, the batched MD loop, resume, outputs, CLI.
 
-The MD tests use a bonded Morse potential on 3BPA (27 atoms, the 28 reference bonds): smooth, cheap,
-strictly per system, and it dissociates at high temperature, so replicas really fail.
+The MD tests use a bonded Morse potential on the package's 3BPA frames (27 atoms, the 28 reference
+bonds): smooth, cheap, strictly per system, and it dissociates at high temperature, so replicas really
+fail.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,22 +15,24 @@ import torch
 from ase import Atoms
 from ase.io import read
 
+from ggnd_plugin.default_data import default_data_path
 from ggnd_plugin.errors import GGNDError
 from ggnd_plugin.md import metrics
 from ggnd_plugin.md.reference_models import bonded_morse_model
 from ggnd_plugin.md.stability import StabilityProtocol, _ModelRun, build_monitor, plan_replicas, run_stability
 
-BPA = Path(__file__).resolve().parents[2] / "shared" / "data" / "3bpa"
+TRAIN = default_data_path("3bpa_300K_train")
+TEST = default_data_path("3bpa_300K_test")
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return read(BPA / "train_300K.xyz", index=":100")
+    return read(TRAIN, index=":100")
 
 
 @pytest.fixture(scope="module")
 def start():
-    return read(BPA / "test_300K.xyz", index=":40")
+    return read(TEST, index=":40")
 
 
 def BondedMorse(pairs, lengths):  # noqa: N802 - reads as the model it builds
@@ -171,8 +173,9 @@ def _nve_energy(model, start, reference, timestep_fs, time_ps):
 
 
 def test_nve_energy_drift_is_small_and_shrinks_with_the_step(morse, start, reference):
-    # measured on 3BPA with 1 fs: drift <= 1.1e-5 eV/atom/ps (0.3 meV per molecule per ps), fluctuation
-    # of 10 fs window means 2-4e-5 eV/atom; with 0.5 fs the fluctuation is 2.5x smaller
+    # measured on the package's 3BPA frames with 1 fs: drift <= 1.4e-5 eV/atom/ps (0.4 meV per molecule
+    # per ps), fluctuation of 10 fs window means <= 2.5e-5 eV/atom; with 0.5 fs the fluctuation is 2.2x
+    # smaller
     drift, spread = _nve_energy(morse, start, reference, 1.0, 2.0)
     assert drift < 5e-5, f"NVE drift {drift:.2e} eV/atom/ps"
     assert spread < 1e-4
@@ -457,9 +460,9 @@ def test_command_line_end_to_end(bonds, tmp_path, monkeypatch, capsys):
         "stability",
         str(model_file),
         "--start",
-        str(BPA / "test_300K.xyz"),
+        str(TEST),
         "--reference",
-        str(BPA / "train_300K.xyz"),
+        str(TRAIN),
         "--temperature",
         "300",
         "3000",
@@ -485,37 +488,23 @@ def test_command_line_end_to_end(bonds, tmp_path, monkeypatch, capsys):
     assert main([*arguments, "--resume"]) == 0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["replicas"] == record["replicas"]
     # bad input: one error line, exit 2
-    assert main([*arguments[:4], str(BPA / "test_300K.xyz"), str(BPA / "test_600K.xyz"), *arguments[4:]]) == 2
+    assert main([*arguments[:4], str(TEST), str(default_data_path("3bpa_600K")), *arguments[4:]]) == 2
     assert "one file or one per temperature" in capsys.readouterr().err
 
 
 def test_runs_a_real_mace_host_through_its_torchsim_wrapper(start, reference):
     """MACE's own TorchSim model (what the MACE adapter hands over) runs in the batched loop."""
     pytest.importorskip("mace")
-    from e3nn import o3
-    from mace import modules
     from torch_sim.models.mace import MaceModel
 
-    torch.manual_seed(0)
-    interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
-    host = modules.ScaleShiftMACE(
-        r_max=4.0,
-        num_bessel=4,
-        num_polynomial_cutoff=5,
-        max_ell=1,
-        interaction_cls=interaction,
-        interaction_cls_first=interaction,
+    from ggnd_plugin.testing import tiny_mace
+
+    host = tiny_mace(
         num_interactions=1,
-        num_elements=4,
-        hidden_irreps=o3.Irreps("8x0e+8x1o"),
-        MLP_irreps=o3.Irreps("4x0e"),
         atomic_energies=np.zeros(4),
         avg_num_neighbors=10.0,
-        atomic_numbers=[1, 6, 7, 8],
         correlation=1,
-        gate=torch.nn.functional.silu,
         atomic_inter_scale=0.01,
-        atomic_inter_shift=0.0,
     )
     model = MaceModel(host.double(), device=torch.device("cpu"), dtype=torch.float64, compute_stress=False)
     protocol = StabilityProtocol(temperatures=(300.0, 600.0), replicas=2, time_ps=0.01)

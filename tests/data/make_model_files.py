@@ -11,6 +11,7 @@ code of the release, into its folder:
       cd /tmp/ggnd-0.1.0 && /path/to/.venv/bin/python tests/data/make_model_files.py OUT_DIR
 
   (0.1.0's GGNDConfig has no ``version``: drop ``version: 2`` from nequip_ggnd_train.yaml there.)
+  Releases before 0.3 have no ``ggnd_plugin/testing.py`` (the tiny host models): copy it there too.
 - ``tests/data/v0.2.0/``: ggnd-plugin 0.2.0 (numerics version 2, the module paths before the 0.3
   reorganisation), run on commit c8eef82 with ``--release 0.2.0``, which also re-saves the 0.1.0 files
   under 0.2.0 (a version-1 block pickled by 0.2.0 names ``ggnd_plugin.block_v1.LegacyGGNDBlock``).
@@ -33,14 +34,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from ase.io import read, write
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO / "ggnd_plugin" / "default_data" / "3bpa"
 FRAMES = (DEFAULT_DATA / "3bpa_300K_test.xyz", ":3")
-ELEMENTS = [1, 6, 7, 8]
 
 
 def perturb_block(block, seed):
@@ -51,35 +50,11 @@ def perturb_block(block, seed):
 
 
 def mace_file(out: Path) -> Path:
-    from e3nn import o3
-    from mace import modules
-    from mace.tools import torch_tools
-
     from ggnd_plugin.adapters.mace import MACEAdapter
     from ggnd_plugin.block import GGNDConfig
+    from ggnd_plugin.testing import tiny_mace
 
-    with torch_tools.default_dtype(torch.float64):
-        torch.manual_seed(0)
-        interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
-        model = modules.ScaleShiftMACE(
-            r_max=4.0,
-            num_bessel=4,
-            num_polynomial_cutoff=5,
-            max_ell=1,
-            interaction_cls=interaction,
-            interaction_cls_first=interaction,
-            num_interactions=2,
-            num_elements=4,
-            hidden_irreps=o3.Irreps("8x0e+8x1o"),
-            MLP_irreps=o3.Irreps("4x0e"),
-            atomic_energies=np.array([-13.6, -1029.5, -1485.0, -2042.0]),
-            avg_num_neighbors=8.0,
-            atomic_numbers=ELEMENTS,
-            correlation=2,
-            gate=torch.nn.functional.silu,
-            atomic_inter_scale=0.5,
-            atomic_inter_shift=0.0,
-        ).eval()
+    model = tiny_mace()
     adapter = MACEAdapter()
     torch.manual_seed(1)
     upgraded = adapter.attach(model, GGNDConfig(channels=8, heads=2, steps=2, lmax=2))
@@ -135,37 +110,11 @@ def nequip_files(out: Path) -> tuple[Path, Path]:
 
 
 def schnetpack_file(out: Path) -> Path:
-    import schnetpack as spk
-
     from ggnd_plugin.adapters.schnetpack import SchNetPackAdapter
     from ggnd_plugin.block import GGNDConfig
+    from ggnd_plugin.testing import tiny_schnetpack
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        torch.manual_seed(0)
-        model = spk.model.NeuralNetworkPotential(
-            representation=spk.representation.PaiNN(
-                n_atom_basis=8,
-                n_interactions=2,
-                radial_basis=spk.nn.GaussianRBF(n_rbf=6, cutoff=4.0),
-                cutoff_fn=spk.nn.CosineCutoff(4.0),
-            ),
-            input_modules=[spk.atomistic.PairwiseDistances()],
-            output_modules=[
-                spk.atomistic.Atomwise(n_in=8, output_key="energy", aggregation_mode="sum"),
-                spk.atomistic.Forces(energy_key="energy", force_key="forces"),
-            ],
-            postprocessors=[
-                spk.transform.CastTo64(),
-                spk.transform.AddOffsets("energy", add_mean=True, property_mean=torch.tensor([-654.0])),
-            ],
-        )
-    finally:
-        torch.set_default_dtype(previous)
-    model = model.to(torch.float64)
-    SchNetPackAdapter.set_elements(model, ELEMENTS)
-    SchNetPackAdapter.set_units(model, "eV", "Ang")
+    model = tiny_schnetpack("painn")
     adapter = SchNetPackAdapter()
     torch.manual_seed(3)
     upgraded = adapter.attach(model, GGNDConfig(channels=8, heads=2, steps=2, solver="rk4"))
