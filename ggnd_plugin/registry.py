@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ggnd_plugin.adapters.base import HostAdapter
 from ggnd_plugin.errors import GGNDError
+
+if TYPE_CHECKING:
+    from ggnd_plugin.adapters.base import HostAdapter
 
 GROUP = "ggnd_plugin.adapters"
 
@@ -21,6 +23,8 @@ def entry_points() -> dict[str, importlib.metadata.EntryPoint]:
 
 def get(name: str) -> HostAdapter:
     """The adapter registered under ``name``, instantiated."""
+    from ggnd_plugin.adapters.base import HostAdapter
+
     points = entry_points()
     if name not in points:
         raise GGNDError(
