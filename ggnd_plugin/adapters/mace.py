@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-import pickletools
 import warnings
-import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ggnd_plugin.adapters.base import HostAdapter, Prediction
+from ggnd_plugin.adapters.pickled_classes import torch_file_classes
 from ggnd_plugin.block import FeatureSpec, GGNDBlock, GGNDConfig, system_energy
 from ggnd_plugin.errors import GGNDError
 
@@ -313,49 +312,18 @@ def rebuild_under_current_e3nn(old: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 # Recognising files without unpickling them
 # --------------------------------------------------------------------------------------------------
-def _pickle_globals(path: Path) -> tuple[str, list[tuple[str, str]]] | None:
-    """("pickle" | "torchscript", [(module, name), ...]) of a torch.save zip file, None otherwise.
-
-    Reads the pickle's opcodes only (no object is built, no code runs).
-    """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            kind = "torchscript" if any(name.split("/", 2)[1:2] == ["code"] for name in names) else "pickle"
-            data = next((name for name in names if name.endswith("/data.pkl")), None)
-            if data is None:
-                return None
-            raw = archive.read(data)
-    except (zipfile.BadZipFile, OSError, IndexError):
-        return None
-    found: list[tuple[str, str]] = []
-    strings: list[str] = []
-    try:
-        for opcode, argument, _ in pickletools.genops(raw):
-            if opcode.name in ("GLOBAL", "INST") and isinstance(argument, str):
-                module, _, name = argument.partition(" ")
-                found.append((module, name))
-            elif isinstance(argument, str):
-                strings.append(argument)
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append((strings[-2], strings[-1]))
-    except Exception:  # a damaged pickle is simply not a MACE file
-        return None
-    return kind, found
-
-
 def sniff_model_file(path: Path) -> str | None:
     """ "plain" for a MACE model file, "ggnd" for one with GGND, "torchscript" for a compiled MACE
     model, None for anything else."""
-    content = _pickle_globals(Path(path))
+    content = torch_file_classes(path)
     if content is None:
         return None
-    kind, found = content
-    if kind == "torchscript":
-        return "torchscript" if any(module.startswith("__torch__.mace") for module, _ in found) else None
-    if not found:
+    if content.kind == "torchscript":
+        named = any(module.startswith("__torch__.mace") for module, _ in content.globals)
+        return "torchscript" if named else None
+    root = content.root  # the first class the pickle references is the saved object's own
+    if root is None:
         return None
-    root = found[0]  # the first class the pickle references is the saved object's own
     if root == _WRAPPER_GLOBAL:
         return "ggnd"
     if root[0].startswith(_HOST_MODULE_PREFIX):

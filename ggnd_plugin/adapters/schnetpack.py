@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-import zipfile
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from ggnd_plugin.adapters.base import HostAdapter, Prediction
+from ggnd_plugin.adapters.pickled_classes import torch_file_classes
 from ggnd_plugin.block import FeatureSpec, GGNDConfig
 from ggnd_plugin.errors import GGNDError
 
@@ -63,7 +63,7 @@ class SchNetPackAdapter(HostAdapter):
 
     def recognises_file(self, path: Path) -> bool:
         """A torch.save zip whose pickle names a SchNetPack model or task class (nothing is unpickled)."""
-        return _pickled_schnetpack_class(Path(path)) is not None
+        return _holds_schnetpack_model(Path(path))
 
     # ---- model lifecycle ----------------------------------------------------------------------------
     def load(self, path: Path, device: str = "cpu") -> nn.Module:
@@ -73,7 +73,7 @@ class SchNetPackAdapter(HostAdapter):
         path = Path(path)
         if not path.is_file():
             raise GGNDError(f"{path}: no such file")
-        if _pickled_schnetpack_class(path) is None:
+        if not _holds_schnetpack_model(path):
             raise GGNDError(
                 f"{path}: not a SchNetPack model file (expected a torch.save'd NeuralNetworkPotential "
                 "such as spktrain's best_model; Lightning checkpoints under checkpoints/ hold only weights)"
@@ -520,22 +520,11 @@ def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-def _pickled_schnetpack_class(path: Path) -> str | None:
-    """The SchNetPack class a torch.save file's pickle names first, read without unpickling."""
-    try:
-        if not path.is_file() or not zipfile.is_zipfile(path):
-            return None
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            if not names:
-                return None
-            head = archive.read(names[0])[:4096]
-    except (OSError, zipfile.BadZipFile):
-        return None
-    for marker in (b"schnetpack.model", b"schnetpack.task"):
-        if marker in head:
-            return marker.decode()
-    return None
+def _holds_schnetpack_model(path: Path) -> bool:
+    """Whether ``path`` is a torch.save file of a SchNetPack model or task (read without unpickling)."""
+    content = torch_file_classes(path)
+    root = content.root if content is not None and content.kind == "pickle" else None
+    return root is not None and root[0].startswith(("schnetpack.model", "schnetpack.task"))
 
 
 def output_keys(model: nn.Module) -> tuple[str, str]:
