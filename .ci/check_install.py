@@ -73,7 +73,7 @@ WHEEL_MUST_HAVE = (
 )
 ENTRY_POINTS_MUST_HAVE = (
     "ggnd = ggnd_plugin.cli:main",
-    "ggnd-mace-train = ggnd_plugin.adapters.mace_train:main",
+    "ggnd-mace-train = ggnd_plugin.adapters.mace.training:main",
     "[ggnd_plugin.adapters]",
     "[nequip.extension]",
 )

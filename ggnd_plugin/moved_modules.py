@@ -24,7 +24,10 @@ __all__ = ["MOVED", "install"]
 
 # old module path -> module that defines its names now. Add a row whenever a module that a saved file
 # can name moves; never remove one (files outlive releases).
-MOVED: dict[str, str] = {}
+MOVED: dict[str, str] = {
+    # console script ggnd-mace-train of environments installed before the move
+    "ggnd_plugin.adapters.mace_train": "ggnd_plugin.adapters.mace.training",
+}
 
 
 class _Alias(types.ModuleType):

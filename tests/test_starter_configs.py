@@ -166,7 +166,7 @@ def test_schnetpack_experiment_builds_painn_with_ggnd(tmp_path, capsys):
 
 @needs["mace"]
 def test_mace_config_parses_with_ggnd_mace_train(tmp_path, capsys):
-    from ggnd_plugin.adapters.mace_train import build_parser, split_ggnd_arguments
+    from ggnd_plugin.adapters.mace.training import build_parser, split_ggnd_arguments
 
     path = tmp_path / "ggnd_mace.yaml"
     path.write_text(printed(capsys, "config", "mace"))

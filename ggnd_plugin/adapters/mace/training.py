@@ -17,7 +17,7 @@ hold the ``ggnd_*`` keys). Added options:
 MACE's own files (checkpoints, ``.model``) are written atomically during the run (a temporary file
 renamed into place), so a killed run never leaves a truncated checkpoint for ``--restart_latest``.
 
-The result is MACE's usual ``<name>.model`` (a pickled :class:`~ggnd_plugin.adapters.mace.GGNDMACE`),
+The result is MACE's usual ``<name>.model`` (a pickled :class:`~ggnd_plugin.adapters.mace.wrapper.GGNDMACE`),
 which ``MACECalculator``, TorchSim's ``MaceModel`` and ``ggnd`` load. MACE's TorchScript export
 (``<name>_compiled.model``) is skipped by MACE itself for such a model: the GGND block is not scriptable.
 
@@ -46,6 +46,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from ggnd_plugin.adapters.mace.wrapper import GGNDMACE, attach_ggnd
 from ggnd_plugin.block import CURRENT_VERSION, GGNDConfig
 from ggnd_plugin.errors import GGNDError
 
@@ -170,11 +171,9 @@ def split_ggnd_arguments(args: argparse.Namespace) -> tuple[argparse.Namespace, 
 # --------------------------------------------------------------------------------------------------
 def check_patch_targets() -> None:
     """Raise GGNDError unless ``mace.cli.run_train`` still has what :func:`ggnd_training_patch` replaces."""
+    from mace import __version__ as version
     from mace.cli import run_train
 
-    from ggnd_plugin.adapters.mace import MACEAdapter
-
-    version = MACEAdapter().version()
     for name, expected in PATCH_TARGETS.items():
         function = getattr(run_train, name, None)
         if not callable(function):
@@ -195,8 +194,6 @@ def check_patch_targets() -> None:
 
 
 def ggnd_param_group(args, model, lr_factor: float) -> dict[str, Any]:
-    from ggnd_plugin.adapters.mace import GGNDMACE
-
     if not isinstance(model, GGNDMACE):
         raise GGNDError(f"expected a MACE model with GGND, got {type(model).__name__}")
     return {
@@ -228,8 +225,6 @@ def ggnd_training_patch(config: GGNDConfig, lr_factor: float = 1.0) -> Iterator[
     See the module docstring for what is replaced and why; both names are restored on exit.
     """
     from mace.cli import run_train
-
-    from ggnd_plugin.adapters.mace import attach_ggnd
 
     check_patch_targets()
     original_configure = run_train.configure_model
@@ -422,7 +417,7 @@ def fit_command(
     }
     if patience is not None:
         options.update(patience=patience, scheduler_patience=max(2, patience // 3), lr_factor=0.5)
-    command = [sys.executable, "-m", "ggnd_plugin.adapters.mace_train"]
+    command = [sys.executable, "-m", "ggnd_plugin.adapters.mace.training"]
     for key, value in options.items():
         command += [f"--{key}", str(value)]
     model_path = work_dir / f"{name}.model"
