@@ -27,6 +27,13 @@ __all__ = ["MOVED", "install"]
 MOVED: dict[str, str] = {
     # console script ggnd-mace-train of environments installed before the move
     "ggnd_plugin.adapters.mace_train": "ggnd_plugin.adapters.mace.training",
+    # nequip.extension entry point of environments installed before the move; a key of the versions
+    # NequIP checkpoints and packages of 0.1.0 and 0.2.0 record
+    "ggnd_plugin.adapters.nequip_extension": "ggnd_plugin.adapters.nequip.extension",
+    # classes pickled in NequIP packages of 0.1.0 and 0.2.0 (which carry their own interned copy)
+    "ggnd_plugin.adapters.nequip_modules": "ggnd_plugin.adapters.nequip.graph_modules",
+    # insert_ggnd and the nequip-train targets, as users' code and configs may name them
+    "ggnd_plugin.adapters.nequip_build": "ggnd_plugin.adapters.nequip.builders",
 }
 
 

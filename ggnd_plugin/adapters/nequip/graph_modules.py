@@ -1,8 +1,8 @@
 """GGND as NequIP graph modules (the code that travels inside ``nequip-package`` files).
 
-This module is interned by ``nequip-package`` (see :func:`ggnd_plugin.adapters.nequip_build.register_for_packaging`),
+This module is interned by ``nequip-package`` (see :func:`ggnd_plugin.adapters.nequip.builders.register_for_packaging`),
 so it imports only torch, nequip's data and nn layers and :mod:`ggnd_plugin.block`; the builders and
-the upgrade target, which need more of nequip, live in :mod:`ggnd_plugin.adapters.nequip_build`.
+the upgrade target, which need more of nequip, live in :mod:`ggnd_plugin.adapters.nequip.builders`.
 
 Pairs. The block needs its pair table inside the model's forward. Eager runs use the block's own
 (``GGNDBlock.pairs``: one square block per system). Under ``nequip-compile`` (``make_fx`` with symbolic
