@@ -34,6 +34,12 @@ MOVED: dict[str, str] = {
     "ggnd_plugin.adapters.nequip_modules": "ggnd_plugin.adapters.nequip.graph_modules",
     # insert_ggnd and the nequip-train targets, as users' code and configs may name them
     "ggnd_plugin.adapters.nequip_build": "ggnd_plugin.adapters.nequip.builders",
+    # GGNDEnergy, pickled in SchNetPack model files and named by spktrain configs of 0.1.0 and 0.2.0
+    "ggnd_plugin.adapters.schnetpack_module": "ggnd_plugin.adapters.schnetpack.output_module",
+    # SchNetPackModel and the extxyz converter, as users' code may name them
+    "ggnd_plugin.adapters.schnetpack_torchsim": "ggnd_plugin.adapters.schnetpack.torchsim_model",
+    "ggnd_plugin.adapters.schnetpack_data": "ggnd_plugin.adapters.schnetpack.database",
+    "ggnd_plugin.adapters.schnetpack_ase": "ggnd_plugin.adapters.schnetpack.calculator",
 }
 
 

@@ -133,7 +133,7 @@ def test_schnetpack_experiment_builds_painn_with_ggnd(tmp_path, capsys):
     from hydra import initialize_config_module
     from hydra.utils import instantiate
 
-    from ggnd_plugin.adapters.schnetpack_module import GGNDEnergy
+    from ggnd_plugin.adapters.schnetpack.output_module import GGNDEnergy
 
     experiments = tmp_path / "configs" / "experiment"
     experiments.mkdir(parents=True)

@@ -8,7 +8,7 @@ from contextlib import redirect_stderr
 
 import pytest
 
-from ggnd_plugin.adapters.schnetpack import _EPOCH_LINE as SPK_EPOCH_LINE
+from ggnd_plugin.adapters.schnetpack.training import _EPOCH_LINE as SPK_EPOCH_LINE
 from ggnd_plugin.errors import GGNDError
 from ggnd_plugin.host_fit import run_trainer
 
