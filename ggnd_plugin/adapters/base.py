@@ -21,11 +21,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ggnd_plugin.adapters.host_trainer import FitRequest, HostTrainer, TrainerCommand
 from ggnd_plugin.block import FeatureSpec, GGNDConfig
 from ggnd_plugin.errors import GGNDError
 
@@ -112,6 +113,11 @@ class HostAdapter(ABC):
         for block in self.ggnd_blocks(model):
             yield from block.parameters()
 
+    # ---- training from scratch (optional) -----------------------------------------------------------
+    # The host's own training command; None: this adapter cannot train models from scratch. An adapter
+    # that sets it overrides :meth:`check_fit`, :meth:`fit_outputs` and :meth:`prepare_fit`.
+    trainer: ClassVar[HostTrainer | None] = None
+
     def fit(
         self,
         train: Path,
@@ -132,7 +138,63 @@ class HostAdapter(ABC):
         validation loss has not improved for this many epochs (at most ``epochs``), with the learning
         rate halved after ``max(2, patience // 3)`` epochs without improvement; None trains ``epochs``
         epochs with the host's defaults. Used by ``ggnd demo`` and ``benchmarks/paper_3bpa.py``.
+
+        The steps are every host's: refuse bad arguments before touching ``work_dir``
+        (:meth:`check_fit`); hold ``work_dir``, removing the outputs of an earlier attempt
+        (:meth:`fit_outputs`, :func:`ggnd_plugin.host_fit.fit_work_dir`: a fit stopped part-way
+        restarts from scratch there, and ``work_dir`` must otherwise be new or empty); write the host's
+        training inputs and build its command (:meth:`prepare_fit`); run it with a log and a progress
+        bar (:attr:`trainer`); load the model file it wrote (:meth:`load`).
         """
+        from ggnd_plugin.host_fit import fit_work_dir
+
+        trainer = self.trainer
+        if trainer is None:
+            raise GGNDError(f"the {self.name} adapter cannot train models from scratch")
+        self.require()
+        request = FitRequest(
+            train=Path(train),
+            valid=Path(valid),
+            work_dir=Path(work_dir).absolute(),
+            config=config,
+            epochs=epochs,
+            seed=seed,
+            size=size,
+            device=device,
+            patience=patience,
+        )
+        self.check_fit(request)
+        outputs = self.fit_outputs(request)
+        with fit_work_dir(request.work_dir, self.name, outputs, [train, valid], [trainer.log_name]):
+            command = self.prepare_fit(request)
+            trainer.run(
+                command.argv,
+                request.work_dir,
+                epochs,
+                label=request.work_dir.name,
+                cwd=command.cwd,
+                env=command.env,
+                header=command.header,
+            )
+            if not command.model_path.is_file():
+                raise GGNDError(
+                    f"{trainer.name} finished but wrote no {command.model_path}; "
+                    f"see {request.work_dir / trainer.log_name}"
+                )
+            return self.load(command.model_path)
+
+    def check_fit(self, request: FitRequest) -> None:
+        """Raise :class:`GGNDError` for fit arguments the host cannot train with (nothing is written)."""
+        return None
+
+    def fit_outputs(self, request: FitRequest) -> Sequence[str]:
+        """Names or glob patterns, relative to the work folder, of everything the host's trainer (and
+        :meth:`prepare_fit`) writes there: what a restarted fit removes first."""
+        return ()
+
+    def prepare_fit(self, request: FitRequest) -> TrainerCommand:
+        """Write the host's training inputs (config, data, ...) into the work folder and return the
+        command that trains the model."""
         raise GGNDError(f"the {self.name} adapter cannot train models from scratch")
 
     # ---- what the model knows -----------------------------------------------------------------------

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from ggnd_plugin.adapters.base import HostAdapter, Prediction
+from ggnd_plugin.adapters.host_trainer import FitRequest, TrainerCommand
 from ggnd_plugin.adapters.mace.legacy_e3nn import legacy_e3nn_unpickling, rebuild_under_current_e3nn
-from ggnd_plugin.adapters.mace.training import FIT_LOG, fit_command, fit_outputs, run_fit
+from ggnd_plugin.adapters.mace.training import TRAINER, check_size, fit_command, fit_outputs, model_name
 from ggnd_plugin.adapters.mace.wrapper import GGNDMACE, attach_ggnd, dtype_of, mace_feature_spec
 from ggnd_plugin.adapters.pickled_classes import torch_file_classes
 from ggnd_plugin.block import FeatureSpec, GGNDConfig
@@ -224,31 +225,25 @@ class MACEAdapter(HostAdapter):
             compute_stress=True,
         )
 
-    # ---- training from scratch ----------------------------------------------------------------------
-    def fit(
-        self,
-        train: Path,
-        valid: Path,
-        work_dir: Path,
-        config: GGNDConfig | None = None,
-        epochs: int = 50,
-        seed: int = 0,
-        size: str = "small",
-        device: str = "cpu",
-        patience: int | None = None,
-    ) -> nn.Module:
-        """Train through ``ggnd-mace-train`` (``mace_run_train`` plus GGND) in a subprocess.
+    # ---- training from scratch: ggnd-mace-train (mace_run_train plus GGND) in a subprocess ----------
+    trainer = TRAINER
 
-        A fit stopped part-way restarts from scratch in the same ``work_dir`` (see
-        :mod:`ggnd_plugin.host_fit`); ``work_dir`` must otherwise be new or empty.
-        """
-        from ggnd_plugin.host_fit import fit_work_dir
+    def check_fit(self, request: FitRequest) -> None:
+        check_size(request.size)
 
-        self.require()
-        command, model_path = fit_command(
-            train, valid, work_dir, config, epochs, seed, size, device, patience=patience
+    def fit_outputs(self, request: FitRequest) -> list[str]:
+        return fit_outputs(model_name(request.config))
+
+    def prepare_fit(self, request: FitRequest) -> TrainerCommand:
+        argv, model_path = fit_command(
+            request.train,
+            request.valid,
+            request.work_dir,
+            request.config,
+            request.epochs,
+            request.seed,
+            request.size,
+            request.device,
+            patience=request.patience,
         )
-        outputs = fit_outputs(model_path.stem)
-        with fit_work_dir(work_dir, "mace", outputs, [train, valid], legacy_marks=[FIT_LOG]):
-            run_fit(command, Path(work_dir), epochs, label=Path(work_dir).name)
-            return self.load(model_path)
+        return TrainerCommand(argv, model_path)

@@ -46,6 +46,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from ggnd_plugin.adapters.host_trainer import HostTrainer
 from ggnd_plugin.adapters.mace.wrapper import GGNDMACE, attach_ggnd
 from ggnd_plugin.block import CURRENT_VERSION, GGNDConfig
 from ggnd_plugin.errors import GGNDError
@@ -371,6 +372,16 @@ SIZES = {
 }
 
 
+def check_size(size: str) -> None:
+    if size not in SIZES:
+        raise GGNDError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
+
+
+def model_name(config: GGNDConfig | None) -> str:
+    """The ``--name`` of a fit: the model file is ``<name>.model``."""
+    return "mace-ggnd" if config is not None else "mace"
+
+
 def fit_command(
     train: Path,
     valid: Path,
@@ -387,10 +398,9 @@ def fit_command(
     ``patience``: MACE's early stopping (``--patience``) on the validation loss, with its plateau
     scheduler halving the learning rate after ``max(2, patience // 3)`` epochs without improvement.
     """
-    if size not in SIZES:
-        raise GGNDError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
+    check_size(size)
     work_dir = Path(work_dir)
-    name = "mace-ggnd" if config is not None else "mace"
+    name = model_name(config)
     options = {
         "name": name,
         "seed": seed,
@@ -429,6 +439,11 @@ def fit_command(
 
 
 FIT_LOG = "ggnd-mace-train.log"
+# MACE logs one "Epoch N: ... loss=..." line per validation; those lines drive fit()'s progress bar, so a
+# long fit shows where it is without flooding the terminal with MACE's own log.
+TRAINER = HostTrainer(
+    name="ggnd-mace-train", log_name=FIT_LOG, epoch_line=r"Epoch (\d+):.*?loss=\s*(?P<loss>[0-9.eE+-]+)"
+)
 
 
 def fit_outputs(name: str) -> list[str]:
@@ -445,23 +460,9 @@ def fit_outputs(name: str) -> list[str]:
 
 
 def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label: str = "mace") -> None:
-    """Run the training command, its output going to ``work_dir/ggnd-mace-train.log``.
-
-    MACE logs one ``Epoch N:`` line per validation; those lines drive a progress bar, so a long fit
-    shows where it is without flooding the terminal with MACE's own log.
-    """
-    from ggnd_plugin.host_fit import run_trainer
-
-    work_dir.mkdir(parents=True, exist_ok=True)
-    log = work_dir / FIT_LOG
-    run_trainer(
-        command,
-        log,
-        trainer="ggnd-mace-train",
-        label=label,
-        epochs=epochs,
-        epoch_line=r"Epoch (\d+):.*?loss=\s*(?P<loss>[0-9.eE+-]+)",
-    )
+    """Run the training command, its output going to ``work_dir/ggnd-mace-train.log`` and its epochs
+    to a progress bar (:data:`TRAINER`)."""
+    TRAINER.run(command, Path(work_dir), epochs, label=label)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from ggnd_plugin.adapters.base import HostAdapter, Prediction
+from ggnd_plugin.adapters.host_trainer import FitRequest, TrainerCommand
 from ggnd_plugin.adapters.nequip.package_writer import EXAMPLE_DATA_ATTRIBUTE, write_package
 from ggnd_plugin.adapters.nequip.training import (
-    FIT_LOG,
     FIT_OUTPUTS,
+    TRAINER,
     fit_config,
-    run_nequip_train,
+    nequip_train_command,
     write_fit_config,
 )
 from ggnd_plugin.block import FeatureSpec, GGNDConfig
@@ -125,39 +126,39 @@ class NequIPAdapter(HostAdapter):
 
         return [module.block for module in ggnd_modules(model)]
 
-    def fit(
-        self,
-        train: Path,
-        valid: Path,
-        work_dir: Path,
-        config: GGNDConfig | None = None,
-        epochs: int = 50,
-        seed: int = 0,
-        size: str = "small",
-        device: str = "cpu",
-        patience: int | None = None,
-    ) -> nn.Module:
-        """Train through ``nequip-train`` in a subprocess; return the best checkpoint, loaded.
+    # ---- training from scratch: nequip-train with the package's config template ---------------------
+    # The template (nequip/fit.yaml) filled in and written to work_dir/nequip-fit.yaml; the best
+    # checkpoint is what fit() loads.
+    trainer = TRAINER
 
-        The config is the package's template (``nequip/fit.yaml``) filled in and written to
-        ``work_dir/nequip-fit.yaml``; the log goes to ``work_dir/nequip-train.log``. A fit stopped
-        part-way restarts from scratch in the same ``work_dir`` (see :mod:`ggnd_plugin.host_fit`);
-        ``work_dir`` must otherwise be new or empty.
-        """
-        from ggnd_plugin.host_fit import fit_work_dir
+    def check_fit(self, request: FitRequest) -> None:
+        fit_config(
+            request.train,
+            request.valid,
+            request.config,
+            request.epochs,
+            request.seed,
+            request.size,
+            request.device,
+            request.patience,
+        )
 
-        self.require()
-        work_dir = Path(work_dir).resolve()
-        fit_config(train, valid, config, epochs, seed, size, device, patience)  # bad arguments: first
-        with fit_work_dir(work_dir, "nequip", FIT_OUTPUTS, [train, valid], legacy_marks=[FIT_LOG]):
-            config_path = write_fit_config(
-                train, valid, work_dir, config, epochs, seed, size, device, patience=patience
-            )
-            run_nequip_train(config_path, work_dir, epochs, label=work_dir.name)
-            best = work_dir / "best.ckpt"
-            if not best.exists():
-                raise GGNDError(f"nequip-train finished but wrote no {best}; see {work_dir / FIT_LOG}")
-            return self.load(best)
+    def fit_outputs(self, request: FitRequest) -> tuple[str, ...]:
+        return FIT_OUTPUTS
+
+    def prepare_fit(self, request: FitRequest) -> TrainerCommand:
+        config_path = write_fit_config(
+            request.train,
+            request.valid,
+            request.work_dir,
+            request.config,
+            request.epochs,
+            request.seed,
+            request.size,
+            request.device,
+            patience=request.patience,
+        )
+        return nequip_train_command(config_path, request.work_dir)
 
     # ---- what the model knows -----------------------------------------------------------------------
     def type_names(self, model: nn.Module) -> list[str]:

@@ -7,15 +7,24 @@ model size and, for a GGND model, the builder ``ggnd_plugin.adapters.nequip.GGND
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
+from ggnd_plugin.adapters.host_trainer import HostTrainer, TrainerCommand
 from ggnd_plugin.block import GGNDConfig
 from ggnd_plugin.errors import GGNDError
 
 FIT_TEMPLATE = Path(__file__).parent / "fit.yaml"
 FIT_CONFIG_NAME = "nequip-fit"
 FIT_LOG = "nequip-train.log"
+# The checkpoint callback logs one "Epoch N, global step M: ..." line per validation (the template makes
+# it verbose); those lines drive fit()'s progress bar.
+TRAINER = HostTrainer(
+    name="nequip-train",
+    log_name=FIT_LOG,
+    epoch_line=r"Epoch (\d+), global step \d+: (?:.*?\(best (?P<loss>[0-9.eE+-]+)\))?",
+)
 # What nequip-train (hydra, Lightning) and fit() write in the work folder; a restarted fit removes them.
 FIT_OUTPUTS = ("best*.ckpt", "last*.ckpt", ".hydra", "train.log", f"{FIT_CONFIG_NAME}.yaml", FIT_LOG)
 GGND_BUILDER = "ggnd_plugin.adapters.nequip.GGNDNequIPModel"
@@ -158,23 +167,11 @@ def write_fit_config(
     return path
 
 
-def run_nequip_train(
-    config_path: Path, work_dir: Path, epochs: int | None = None, label: str = "nequip"
-) -> None:
-    """Run ``nequip-train`` on ``config_path`` in ``work_dir``, its output going to ``work_dir/nequip-train.log``.
-
-    The checkpoint callback logs one ``Epoch N, global step M: ...`` line per validation; those lines
-    drive a progress bar.
-    """
-    import sys
-
-    from ggnd_plugin.host_fit import run_trainer
-
+def nequip_train_command(config_path: Path, work_dir: Path) -> TrainerCommand:
+    """``nequip-train`` on ``config_path``, run in ``work_dir``; the best checkpoint is ``best.ckpt`` there."""
     config_path = Path(config_path).resolve()
     work_dir = Path(work_dir).resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
-    log = work_dir / FIT_LOG
-    command = [
+    argv = [
         sys.executable,
         "-m",
         "nequip.scripts.train",
@@ -184,13 +181,13 @@ def run_nequip_train(
         config_path.stem,
         f"hydra.run.dir={work_dir}",
     ]
-    run_trainer(
-        command,
-        log,
-        trainer="nequip-train",
-        label=label,
-        epochs=epochs,
-        epoch_line=r"Epoch (\d+), global step \d+: (?:.*?\(best (?P<loss>[0-9.eE+-]+)\))?",
-        cwd=work_dir,
-        header=" ".join(command),
-    )
+    return TrainerCommand(argv, work_dir / "best.ckpt", cwd=work_dir, header=" ".join(argv))
+
+
+def run_nequip_train(
+    config_path: Path, work_dir: Path, epochs: int | None = None, label: str = "nequip"
+) -> None:
+    """Run ``nequip-train`` on ``config_path`` in ``work_dir``, its output going to
+    ``work_dir/nequip-train.log`` and its epochs to a progress bar (:data:`TRAINER`)."""
+    command = nequip_train_command(config_path, work_dir)
+    TRAINER.run(command.argv, command.cwd, epochs, label=label, cwd=command.cwd, header=command.header)

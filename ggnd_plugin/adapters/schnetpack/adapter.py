@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ggnd_plugin.adapters.base import HostAdapter, Prediction
+from ggnd_plugin.adapters.host_trainer import FitRequest, TrainerCommand
 from ggnd_plugin.adapters.pickled_classes import torch_file_classes
 from ggnd_plugin.adapters.schnetpack.output_module import (
     SCALAR_KEY,
@@ -49,11 +50,11 @@ from ggnd_plugin.adapters.schnetpack.output_module import (
 )
 from ggnd_plugin.adapters.schnetpack.run_metadata import run_metadata
 from ggnd_plugin.adapters.schnetpack.training import (
-    FIT_LOG,
+    TRAINER,
     check_fit_arguments,
     fit_command,
     fit_outputs,
-    run_fit,
+    spktrain_environment,
 )
 from ggnd_plugin.block import FeatureSpec, GGNDConfig
 from ggnd_plugin.errors import GGNDError
@@ -118,43 +119,6 @@ class SchNetPackAdapter(HostAdapter):
             torch.save(model, tmp)
         return path
 
-    def fit(
-        self,
-        train: Path,
-        valid: Path,
-        work_dir: Path,
-        config: GGNDConfig | None = None,
-        epochs: int = 50,
-        seed: int = 0,
-        size: str = "small",
-        device: str = "cpu",
-        patience: int | None = None,
-    ) -> nn.Module:
-        """Train PaiNN (``config=None``) or PaiNN + GGND from scratch with SchNetPack's ``spktrain``.
-
-        The extxyz files become one ASE database in ``work_dir`` (training frames first) with a split
-        file that keeps exactly the given train/valid partition; spktrain runs
-        ``experiment=painn_3bpa`` or ``experiment=ggnd_painn_3bpa`` in a subprocess (see
-        :func:`fit_command`), its output going to ``work_dir/spktrain.log``. Returns its ``best_model``.
-        A fit stopped part-way restarts from scratch in the same ``work_dir`` (see
-        :mod:`ggnd_plugin.host_fit`); ``work_dir`` must otherwise be new or empty.
-        """
-        from ggnd_plugin.host_fit import fit_work_dir
-
-        self.require()
-        work_dir = Path(work_dir).absolute()
-        check_fit_arguments(train, valid, epochs, size)
-        with fit_work_dir(
-            work_dir, "schnetpack", fit_outputs(config), [train, valid], legacy_marks=[FIT_LOG]
-        ):
-            command, model_path = fit_command(
-                train, valid, work_dir, config, epochs, seed, size, device, patience=patience
-            )
-            run_fit(command, work_dir, epochs, label=work_dir.name)
-            if not model_path.is_file():
-                raise GGNDError(f"spktrain finished but wrote no {model_path}; see {work_dir / FIT_LOG}")
-            return self.load(model_path)
-
     def feature_spec(self, model: nn.Module) -> FeatureSpec:
         blocks = self.ggnd_blocks(model)
         if blocks:
@@ -179,6 +143,33 @@ class SchNetPackAdapter(HostAdapter):
 
     def ggnd_blocks(self, model: nn.Module) -> list[nn.Module]:
         return [module.block for module in ggnd_modules(model)]
+
+    # ---- training from scratch: spktrain in a subprocess --------------------------------------------
+    # PaiNN (config=None) or PaiNN + GGND: the extxyz files become one ASE database in the work folder
+    # with a split file that keeps the given train/valid partition, and spktrain runs
+    # experiment=painn_3bpa or ggnd_painn_3bpa (see fit_command); fit() loads its best_model.
+    trainer = TRAINER
+
+    def check_fit(self, request: FitRequest) -> None:
+        check_fit_arguments(request.train, request.valid, request.epochs, request.size)
+
+    def fit_outputs(self, request: FitRequest) -> tuple[str, ...]:
+        return fit_outputs(request.config)
+
+    def prepare_fit(self, request: FitRequest) -> TrainerCommand:
+        argv, model_path = fit_command(
+            request.train,
+            request.valid,
+            request.work_dir,
+            request.config,
+            request.epochs,
+            request.seed,
+            request.size,
+            request.device,
+            patience=request.patience,
+        )
+        work_dir = request.work_dir
+        return TrainerCommand(argv, model_path, cwd=work_dir, env=spktrain_environment(work_dir))
 
     # ---- what the model knows -----------------------------------------------------------------------
     @staticmethod

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ggnd_plugin.adapters.host_trainer import HostTrainer
 from ggnd_plugin.block import GGNDConfig
 from ggnd_plugin.errors import GGNDError
 
@@ -36,6 +37,7 @@ SIZES: dict[str, dict[str, Any]] = {
 # One line per validation from the checkpoint callback (made verbose by fit_command):
 # "Epoch 3, global step 36: 'val_loss' reached 0.51 (best 0.51), ..." or "... was not in top 1".
 _EPOCH_LINE = r"^Epoch (\d+), global step \d+: 'val_loss' (?:reached (?P<loss>[0-9.eE+-]+))?"
+TRAINER = HostTrainer(name="spktrain", log_name=FIT_LOG, epoch_line=_EPOCH_LINE, tail_lines=20)
 
 
 def _spktrain_executable() -> list[str]:
@@ -150,32 +152,16 @@ def fit_command(
     return command, run_dir / "best_model"
 
 
+def spktrain_environment(work_dir: Path) -> dict[str, str]:
+    """spktrain's environment (only its own): ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` because spktrain
+    reloads its own Lightning checkpoint, which pickles the model, for its test stage (see
+    docs/hosts/schnetpack.md); ``PWD`` because hydra searches ``${oc.env:PWD}/configs``, and that must
+    not be the caller's folder."""
+    return dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", HYDRA_FULL_ERROR="1", PWD=str(work_dir))
+
+
 def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label: str = "schnetpack") -> None:
-    """Run ``spktrain`` in ``work_dir``, its output going to ``work_dir/spktrain.log``.
-
-    The checkpoint callback's line per validated epoch drives a progress bar. The subprocess (only)
-    gets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``: spktrain reloads its own Lightning checkpoint, which
-    pickles the model, for its test stage (see docs/hosts/schnetpack.md).
-    """
-    from ggnd_plugin.host_fit import run_trainer
-
+    """Run ``spktrain`` in ``work_dir``, its output going to ``work_dir/spktrain.log`` and its epochs to a
+    progress bar (:data:`TRAINER`)."""
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    log = work_dir / FIT_LOG
-    env = dict(
-        os.environ,
-        TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1",
-        HYDRA_FULL_ERROR="1",
-        PWD=str(work_dir),  # hydra searches ${oc.env:PWD}/configs; not the caller's folder
-    )
-    run_trainer(
-        command,
-        log,
-        trainer="spktrain",
-        label=label,
-        epochs=epochs,
-        epoch_line=_EPOCH_LINE,
-        cwd=work_dir,
-        env=env,
-        tail_lines=20,
-    )
+    TRAINER.run(command, work_dir, epochs, label=label, cwd=work_dir, env=spktrain_environment(work_dir))
