@@ -18,8 +18,8 @@ pytest.importorskip("mace")
 from ase import Atoms  # noqa: E402
 from ase.io import read, write  # noqa: E402
 
-from ggnd_plugin.adapters.base import validate_adapter  # noqa: E402
 from ggnd_plugin.adapters.mace import GGNDMACE, MACEAdapter, sniff_model_file  # noqa: E402
+from ggnd_plugin.adapters.validate import validate_adapter  # noqa: E402
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
 from ggnd_plugin.errors import GGNDError  # noqa: E402
 

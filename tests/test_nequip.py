@@ -18,8 +18,8 @@ pytest.importorskip("nequip")
 
 from ase.io import read, write  # noqa: E402
 
-from ggnd_plugin.adapters.base import validate_adapter  # noqa: E402
 from ggnd_plugin.adapters.nequip import NequIPAdapter  # noqa: E402
+from ggnd_plugin.adapters.validate import validate_adapter  # noqa: E402
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
 from ggnd_plugin.errors import GGNDError  # noqa: E402
 

@@ -18,9 +18,9 @@ pytest.importorskip("schnetpack")
 import schnetpack as spk  # noqa: E402
 from ase.io import read  # noqa: E402
 
-from ggnd_plugin.adapters.base import validate_adapter  # noqa: E402
 from ggnd_plugin.adapters.schnetpack import SchNetPackAdapter, run_metadata  # noqa: E402
 from ggnd_plugin.adapters.schnetpack import output_module as schnetpack_module  # noqa: E402
+from ggnd_plugin.adapters.validate import validate_adapter  # noqa: E402
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
 from ggnd_plugin.data import read_labelled  # noqa: E402
 from ggnd_plugin.errors import GGNDError  # noqa: E402

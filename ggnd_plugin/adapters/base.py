@@ -8,8 +8,9 @@ the tooling (upgrade, fine-tuning, evaluation, MD). It is a class registered in 
     myhost = "myhost_ggnd.adapter:MyHostAdapter"
 
 Adapters import their host lazily (inside methods), so listing adapters never imports a host.
-:func:`validate_adapter` checks an adapter against this contract on a real model; a third-party adapter
-calls it in its own tests, as TorchSim's ``validate_model_outputs`` does for models.
+:func:`ggnd_plugin.adapters.validate_adapter` (:mod:`ggnd_plugin.adapters.validate`) checks an adapter
+against this contract on a real model; a third-party adapter calls it in its own tests, as TorchSim's
+``validate_model_outputs`` does for models (docs/adapters.md).
 """
 
 from __future__ import annotations
@@ -275,65 +276,3 @@ def lightning_accelerator(device: str) -> str:
     if kind not in ("cpu", "cuda"):
         raise GGNDError(f"device must be cpu or cuda, got {device!r}")
     return "gpu" if kind == "cuda" else "cpu"
-
-
-# --------------------------------------------------------------------------------------------------
-# Contract validation, for our adapters and third-party ones
-# --------------------------------------------------------------------------------------------------
-def validate_adapter(
-    adapter: HostAdapter,
-    model: nn.Module,
-    structures: Sequence[Atoms],
-    tmp_path: Path,
-    config: GGNDConfig | None = None,
-    atol: float = 1e-6,
-) -> nn.Module:
-    """Check that ``adapter`` honours the contract on ``model``; return the upgraded model.
-
-    Checks, each with a message naming what failed:
-    recognition of the model and of its saved file; the feature spec; attaching GGND changes no
-    prediction; the upgraded model is recognised, has GGND parameters, and survives save/load with
-    identical predictions; the ASE calculator agrees with :meth:`HostAdapter.predict`.
-    """
-    config = config or GGNDConfig(channels=8, heads=2)
-    assert adapter.recognises_model(model), f"{adapter.name}: does not recognise its own model"
-    spec = adapter.feature_spec(model)
-    assert isinstance(spec, FeatureSpec), f"{adapter.name}: feature_spec must return a FeatureSpec"
-    assert not adapter.ggnd_blocks(model), f"{adapter.name}: plain model reports GGND blocks"
-
-    before = adapter.predict(model, structures)
-    upgraded = adapter.attach(model, config)
-    after = adapter.predict(upgraded, structures)
-    assert adapter.recognises_model(upgraded), f"{adapter.name}: does not recognise the upgraded model"
-    assert adapter.ggnd_blocks(upgraded), f"{adapter.name}: attach() added no GGND block"
-    assert any(True for _ in adapter.ggnd_parameters(upgraded)), f"{adapter.name}: GGND has no parameters"
-    _assert_close(before, after, atol, f"{adapter.name}: attach() at zero init changed predictions")
-
-    path = adapter.save(
-        upgraded, tmp_path / f"upgraded{adapter.file_suffixes[0] if adapter.file_suffixes else ''}"
-    )
-    assert adapter.recognises_file(path), f"{adapter.name}: does not recognise its own saved file {path}"
-    reloaded = adapter.load(path)
-    _assert_close(
-        after, adapter.predict(reloaded, structures), atol, f"{adapter.name}: save/load changed predictions"
-    )
-
-    calculator = adapter.ase_calculator(upgraded)
-    for index, atoms in enumerate(structures):
-        atoms = atoms.copy()
-        atoms.calc = calculator
-        energy = atoms.get_potential_energy()
-        forces = torch.as_tensor(atoms.get_forces())
-        assert abs(energy - after.energy[index].item()) < max(atol, 1e-9 * abs(energy)), (
-            f"{adapter.name}: ASE energy differs from predict() on frame {index}"
-        )
-        start = sum(len(a) for a in structures[:index])
-        ref = after.forces[start : start + len(atoms)].detach().cpu().to(forces.dtype)
-        assert (forces - ref).abs().max() < atol, f"{adapter.name}: ASE forces differ on frame {index}"
-    return upgraded
-
-
-def _assert_close(a: Prediction, b: Prediction, atol: float, message: str) -> None:
-    de = (a.energy.detach() - b.energy.detach()).abs().max().item()
-    df = (a.forces.detach() - b.forces.detach()).abs().max().item()
-    assert de <= atol and df <= atol, f"{message} (max |dE| = {de:.3g} eV, max |dF| = {df:.3g} eV/Å)"
