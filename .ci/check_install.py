@@ -75,6 +75,7 @@ ENTRY_POINTS_MUST_HAVE = (
     "ggnd = ggnd_plugin.cli:main",
     "ggnd-mace-train = ggnd_plugin.adapters.mace.training:main",
     "[ggnd_plugin.adapters]",
+    "[ggnd_plugin.starter_configs]",
     "[nequip.extension]",
 )
 

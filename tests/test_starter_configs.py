@@ -13,7 +13,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from ggnd_plugin.cli import main
-from ggnd_plugin.commands.config import STARTER_CONFIGS
+from ggnd_plugin.registry import starter_config_names
 
 needs = {
     name: pytest.mark.skipif(importlib.util.find_spec(name) is None, reason=f"{name} not installed")
@@ -39,7 +39,7 @@ def ggnd_options(name: str, config: dict) -> dict:
     return config["training_module"]["model"]["ggnd"]
 
 
-@pytest.mark.parametrize("name", sorted(STARTER_CONFIGS))
+@pytest.mark.parametrize("name", starter_config_names())
 def test_each_config_is_yaml_with_a_version_2_block(name, capsys):
     from ggnd_plugin.block import GGNDConfig
 

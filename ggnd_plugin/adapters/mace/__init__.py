@@ -11,6 +11,12 @@ Importing this package imports neither torch nor MACE: its names load on first u
 """
 
 from ggnd_plugin.adapters.lazy_exports import lazy_exports
+from ggnd_plugin.adapters.starter_config import StarterConfig
+
+# `ggnd config mace` (entry-point group ggnd_plugin.starter_configs)
+STARTER_CONFIG = StarterConfig(
+    summary="ggnd-mace-train --config FILE (MACE + GGND from scratch)", file="configs/mace_train.yaml"
+)
 
 _EXPORTS = {
     "MACEAdapter": "ggnd_plugin.adapters.mace.adapter",

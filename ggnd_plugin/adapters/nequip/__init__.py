@@ -17,6 +17,16 @@ nequip: its names load on first use.
 """
 
 from ggnd_plugin.adapters.lazy_exports import lazy_exports
+from ggnd_plugin.adapters.starter_config import StarterConfig
+
+# `ggnd config nequip` and `ggnd config nequip-finetune` (entry-point group ggnd_plugin.starter_configs)
+STARTER_CONFIG = StarterConfig(
+    summary="nequip-train config (NequIP + GGND from scratch)", file="configs/nequip_train.yaml"
+)
+FINETUNE_STARTER_CONFIG = StarterConfig(
+    summary="nequip-train config (GGND attached to a fitted NequIP checkpoint, fine-tuned)",
+    file="configs/nequip_finetune.yaml",
+)
 
 _EXPORTS = {
     "NequIPAdapter": "ggnd_plugin.adapters.nequip.adapter",

@@ -16,6 +16,12 @@ torch nor SchNetPack: its names load on first use.
 """
 
 from ggnd_plugin.adapters.lazy_exports import lazy_exports
+from ggnd_plugin.adapters.starter_config import StarterConfig
+
+# `ggnd config schnetpack` (entry-point group ggnd_plugin.starter_configs)
+STARTER_CONFIG = StarterConfig(
+    summary="spktrain experiment (PaiNN + GGND)", file="configs/schnetpack_experiment.yaml"
+)
 
 _EXPORTS = {
     "SchNetPackAdapter": "ggnd_plugin.adapters.schnetpack.adapter",
