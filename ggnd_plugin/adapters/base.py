@@ -166,7 +166,8 @@ class HostAdapter(ABC):
         )
         self.check_fit(request)
         outputs = self.fit_outputs(request)
-        with fit_work_dir(request.work_dir, self.name, outputs, [train, valid], [trainer.log_name]):
+        inputs = [train, valid]
+        with fit_work_dir(request.work_dir, self.name, outputs, inputs, legacy_marks=[trainer.log_name]):
             command = self.prepare_fit(request)
             trainer.run(
                 command.argv,
