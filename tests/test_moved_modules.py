@@ -97,6 +97,18 @@ def test_every_name_the_files_of_earlier_releases_store_resolves(path):
         assert _locate(name) is not None, name
 
 
+@pytest.mark.parametrize("package", ["ggnd_plugin.adapters", *(f"ggnd_plugin.adapters.{h}" for h in HOSTS)])
+def test_package_exports_are_what_their_modules_define(package):
+    """Also once every submodule is imported: a submodule named like an export would shadow it."""
+    _needs_host(package)
+    module = importlib.import_module(package)
+    exports = dict(module._EXPORTS)
+    for name in set(exports.values()):
+        importlib.import_module(name)
+    for name, defining in exports.items():
+        assert getattr(module, name) is getattr(importlib.import_module(defining), name), name
+
+
 def test_host_packages_and_old_paths_import_no_host():
     """The entry points and nequip's extension hook import these; only using a name loads a host."""
     modules = [

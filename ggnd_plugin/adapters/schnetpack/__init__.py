@@ -5,7 +5,7 @@
   more output module of a ``NeuralNetworkPotential`` (what saved upgraded models pickle);
 * :mod:`~ggnd_plugin.adapters.schnetpack.torchsim_model`: :class:`SchNetPackModel` for TorchSim;
 * :mod:`~ggnd_plugin.adapters.schnetpack.calculator`: ASE calculators;
-* :mod:`~ggnd_plugin.adapters.schnetpack.run_metadata`: elements and units of an ``spktrain`` run;
+* :mod:`~ggnd_plugin.adapters.schnetpack.spktrain_run`: elements and units of an ``spktrain`` run;
 * :mod:`~ggnd_plugin.adapters.schnetpack.training` and :mod:`~ggnd_plugin.adapters.schnetpack.database`:
   the ``spktrain`` run of :meth:`SchNetPackAdapter.fit` and its ASE database
   (``python -m ggnd_plugin.adapters.schnetpack.database`` converts extxyz);
@@ -29,7 +29,7 @@ _EXPORTS = {
     "GGNDEnergy": "ggnd_plugin.adapters.schnetpack.output_module",
     "insert_ggnd": "ggnd_plugin.adapters.schnetpack.output_module",
     "SchNetPackModel": "ggnd_plugin.adapters.schnetpack.torchsim_model",
-    "run_metadata": "ggnd_plugin.adapters.schnetpack.run_metadata",
+    "run_metadata": "ggnd_plugin.adapters.schnetpack.spktrain_run",
     "extxyz_to_spk_db": "ggnd_plugin.adapters.schnetpack.database",
     "SIZES": "ggnd_plugin.adapters.schnetpack.training",
     "FIT_LOG": "ggnd_plugin.adapters.schnetpack.training",

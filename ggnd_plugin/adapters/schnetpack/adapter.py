@@ -48,7 +48,7 @@ from ggnd_plugin.adapters.schnetpack.output_module import (
     insert_ggnd,
     representation_layout,
 )
-from ggnd_plugin.adapters.schnetpack.run_metadata import run_metadata
+from ggnd_plugin.adapters.schnetpack.spktrain_run import run_metadata
 from ggnd_plugin.adapters.schnetpack.training import (
     TRAINER,
     check_fit_arguments,
