@@ -66,15 +66,16 @@ WHEEL_MUST_HAVE = (
     "ggnd_plugin/configs/mace_train.yaml",
     "ggnd_plugin/configs/all_hosts_overrides.txt",
     "ggnd_plugin/default_data/3bpa/3bpa_300K_test.xyz",
-    "ggnd_plugin/adapters/nequip_configs/fit.yaml",
-    "ggnd_plugin/adapters/schnetpack_configs/experiment/ggnd_painn_3bpa.yaml",
-    "ggnd_plugin/adapters/schnetpack_configs/ggnd/painn.yaml",
+    "ggnd_plugin/adapters/nequip/fit.yaml",
+    "ggnd_plugin/adapters/schnetpack/configs/experiment/ggnd_painn_3bpa.yaml",
+    "ggnd_plugin/adapters/schnetpack/configs/ggnd/painn.yaml",
     "hydra_plugins/ggnd_plugin_searchpath/__init__.py",
 )
 ENTRY_POINTS_MUST_HAVE = (
     "ggnd = ggnd_plugin.cli:main",
-    "ggnd-mace-train = ggnd_plugin.adapters.mace_train:main",
+    "ggnd-mace-train = ggnd_plugin.adapters.mace.training:main",
     "[ggnd_plugin.adapters]",
+    "[ggnd_plugin.starter_configs]",
     "[nequip.extension]",
 )
 

@@ -269,7 +269,7 @@ def small_host_model(host: str):
     from ggnd_plugin import testing
 
     if host == "mace":
-        from ggnd_plugin.adapters.mace_train import SIZES
+        from ggnd_plugin.adapters.mace.training import SIZES
 
         size = SIZES["small"]
         return testing.tiny_mace(

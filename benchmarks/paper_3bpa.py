@@ -165,7 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--epochs", type=int, default=100, help="training epochs of every fit")
     # MACE (defaults: fit_command's 'medium' size, batch size 5)
-    p.add_argument("--size", default="medium", help="MACE size: ggnd_plugin.adapters.mace_train.SIZES key")
+    p.add_argument("--size", default="medium", help="MACE size: ggnd_plugin.adapters.mace.training.SIZES key")
     p.add_argument("--hidden-irreps", default=None, help="MACE: override the size's hidden irreps")
     p.add_argument("--batch-size", type=int, default=None, help="MACE: override the size's batch size")
     # NequIP and PaiNN: the adapters' sizes (nequip.SIZES, schnetpack.SIZES)
@@ -272,7 +272,7 @@ def config_of(args, name: str):
 
 def fit_mace(args, data, name: str, config) -> dict[str, Any]:
     """MACEAdapter.fit's command (fit_command + run_fit), with this run's device, E0s and size."""
-    from ggnd_plugin.adapters.mace_train import fit_command, run_fit
+    from ggnd_plugin.adapters.mace.training import fit_command, run_fit
 
     work = args.out / "models" / name
     command, model_path = fit_command(

@@ -100,7 +100,7 @@ def fit_worker(args, data, model: dict[str, Any]) -> dict[str, Any]:
     work = args.out / "models" / model["name"]
     started = time.perf_counter()
     if model["host"] == "mace":
-        from ggnd_plugin.adapters.mace_train import fit_command, run_fit
+        from ggnd_plugin.adapters.mace.training import fit_command, run_fit
 
         command, path = fit_command(
             data["train"],

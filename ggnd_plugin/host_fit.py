@@ -10,15 +10,15 @@ host's training is deterministic (it is for the three hosts on the CPU; see test
 
 The folder must be new or empty, or hold an earlier fit (a ``.ggnd-fit.json`` record, or the host's log
 from an older ggnd-plugin); inputs inside it are allowed and never removed. It is locked while the fit
-runs, and the trainer is killed with the process that started it (Linux), so a killed parent never
-leaves a trainer writing into a folder that the next attempt is cleaning.
+runs, and the trainer is killed with the process that started it (Linux,
+:func:`ggnd_plugin.adapters.host_trainer.die_with_parent`), so a killed parent never leaves a trainer
+writing into a folder that the next attempt is cleaning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import sys
 import time
@@ -29,85 +29,6 @@ from ggnd_plugin.errors import OutputExistsError
 from ggnd_plugin.safe_io import atomic_write_json, ignorable, output_lock, same_file
 
 RECORD = ".ggnd-fit.json"
-
-
-def die_with_parent() -> None:
-    """``preexec_fn`` for trainer subprocesses: SIGKILL the child when its parent dies (Linux only).
-
-    Without it a SIGKILLed ``ggnd`` (or demo) leaves the trainer running, still writing into the work
-    folder while the user restarts the fit there.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def run_trainer(
-    command: list[str],
-    log: Path,
-    *,
-    trainer: str,
-    label: str,
-    epochs: int | None,
-    epoch_line: str,
-    cwd: Path | None = None,
-    env: dict[str, str] | None = None,
-    header: str | None = None,
-    tail_lines: int = 15,
-) -> None:
-    """Run a host's trainer with its output going to ``log`` and a progress bar of its epochs.
-
-    ``epoch_line`` is a regular expression for the trainer's line at the end of an epoch: group 1 the
-    epoch (counted from 0), and a group named ``loss``, when it matched, the validation figure shown next
-    to the bar. A failed trainer raises :class:`GGNDError` with the end of its log; Ctrl-C stops it.
-    The trainer runs unbuffered (added to ``env``, default this process's environment), so each epoch
-    line arrives when it is logged rather than when a pipe buffer fills.
-    """
-    import os
-    import subprocess
-
-    from tqdm import tqdm
-
-    from ggnd_plugin.errors import GGNDError
-
-    pattern = re.compile(epoch_line)
-    with open(log, "w") as handle, tqdm(total=epochs, desc=f"{label} ({trainer})", unit="epoch") as bar:
-        handle.write((json.dumps(command) if header is None else header) + "\n")
-        handle.flush()
-        process = subprocess.Popen(
-            command,
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ if env is None else env, PYTHONUNBUFFERED="1"),
-            text=True,
-            preexec_fn=die_with_parent,
-        )
-        assert process.stdout is not None
-        try:
-            for line in process.stdout:
-                handle.write(line)
-                match = pattern.search(line)
-                if match:
-                    bar.update(int(match.group(1)) + 1 - bar.n)
-                    if "loss" in pattern.groupindex and match.group("loss"):
-                        bar.set_postfix(valid_loss=float(match.group("loss")))
-            returncode = process.wait()
-        finally:
-            if process.poll() is None:  # interrupted (Ctrl-C): do not leave the training running
-                process.terminate()
-                process.wait()
-    if returncode != 0:
-        tail = log.read_text().splitlines()[-tail_lines:]
-        raise GGNDError(f"{trainer} failed (exit {returncode}); end of {log}:\n" + "\n".join(tail))
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -27,6 +27,21 @@ __all__ = ["MOVED", "install"]
 MOVED: dict[str, str] = {
     # 0.2.0: version-1 blocks pickled as ggnd_plugin.block_v1.LegacyGGNDBlock (and .TensorFilter)
     "ggnd_plugin.block_v1": "ggnd_plugin.block",
+    # console script ggnd-mace-train of environments installed before the move
+    "ggnd_plugin.adapters.mace_train": "ggnd_plugin.adapters.mace.training",
+    # nequip.extension entry point of environments installed before the move; a key of the versions
+    # NequIP checkpoints and packages of 0.1.0 and 0.2.0 record
+    "ggnd_plugin.adapters.nequip_extension": "ggnd_plugin.adapters.nequip.extension",
+    # classes pickled in NequIP packages of 0.1.0 and 0.2.0 (which carry their own interned copy)
+    "ggnd_plugin.adapters.nequip_modules": "ggnd_plugin.adapters.nequip.graph_modules",
+    # insert_ggnd and the nequip-train targets, as users' code and configs may name them
+    "ggnd_plugin.adapters.nequip_build": "ggnd_plugin.adapters.nequip.builders",
+    # GGNDEnergy, pickled in SchNetPack model files and named by spktrain configs of 0.1.0 and 0.2.0
+    "ggnd_plugin.adapters.schnetpack_module": "ggnd_plugin.adapters.schnetpack.output_module",
+    # SchNetPackModel and the extxyz converter, as users' code may name them
+    "ggnd_plugin.adapters.schnetpack_torchsim": "ggnd_plugin.adapters.schnetpack.torchsim_model",
+    "ggnd_plugin.adapters.schnetpack_data": "ggnd_plugin.adapters.schnetpack.database",
+    "ggnd_plugin.adapters.schnetpack_ase": "ggnd_plugin.adapters.schnetpack.calculator",
 }
 
 
@@ -40,7 +55,13 @@ class _Alias(types.ModuleType):
     def __getattr__(self, name: str):
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
-        return getattr(importlib.import_module(self.__dict__["_target"]), name)
+        try:
+            target = importlib.import_module(self.__dict__["_target"])
+        except ImportError as error:
+            # pickle.whichmodule and inspect look names up in every module of sys.modules and expect
+            # AttributeError; an alias whose host is not installed must not break them.
+            raise AttributeError(f"{self.__name__}.{name}: {error}") from error
+        return getattr(target, name)
 
     def __dir__(self) -> list[str]:
         return dir(importlib.import_module(self.__dict__["_target"]))

@@ -1,18 +1,24 @@
-"""Adapters are found through the entry-point group ``ggnd_plugin.adapters``.
+"""Adapters are found through the entry-point group ``ggnd_plugin.adapters``, the starter training
+configs they ship (``ggnd config``) through ``ggnd_plugin.starter_configs``.
 
-A third package adds a host by declaring an entry point in that group; nothing in ggnd-plugin changes.
+A third package adds a host by declaring entry points in those groups; nothing in ggnd-plugin changes.
+Listing names reads only the installed distributions' metadata.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ggnd_plugin.adapters.base import HostAdapter
 from ggnd_plugin.errors import GGNDError
 
+if TYPE_CHECKING:
+    from ggnd_plugin.adapters.base import HostAdapter
+    from ggnd_plugin.adapters.starter_config import StarterConfig
+
 GROUP = "ggnd_plugin.adapters"
+STARTER_CONFIG_GROUP = "ggnd_plugin.starter_configs"
 
 
 def entry_points() -> dict[str, importlib.metadata.EntryPoint]:
@@ -21,6 +27,8 @@ def entry_points() -> dict[str, importlib.metadata.EntryPoint]:
 
 def get(name: str) -> HostAdapter:
     """The adapter registered under ``name``, instantiated."""
+    from ggnd_plugin.adapters.base import HostAdapter
+
     points = entry_points()
     if name not in points:
         raise GGNDError(
@@ -100,3 +108,40 @@ def resolve(host: str | None, path: str | Path | None = None) -> HostAdapter:
     if path is None:
         raise GGNDError("--host auto needs a model file to look at")
     return detect_file(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Starter training configs (`ggnd config NAME`)
+# --------------------------------------------------------------------------------------------------
+def starter_config_names() -> list[str]:
+    """Names of the registered starter configs (no module is imported)."""
+    return sorted({ep.name for ep in importlib.metadata.entry_points(group=STARTER_CONFIG_GROUP)})
+
+
+def starter_config(name: str) -> StarterConfig:
+    """The starter config registered under ``name``."""
+    from ggnd_plugin.adapters.starter_config import StarterConfig
+
+    points = {ep.name: ep for ep in importlib.metadata.entry_points(group=STARTER_CONFIG_GROUP)}
+    if name not in points:
+        raise GGNDError(
+            f"no starter config named '{name}'; registered: {', '.join(sorted(points)) or 'none'}"
+        )
+    try:
+        config = points[name].load()
+    except Exception as error:  # a broken third-party entry must not hide the others
+        raise GGNDError(f"starter config '{name}' ({points[name].value}) failed to load: {error}") from error
+    if not isinstance(config, StarterConfig):
+        raise GGNDError(f"starter config '{name}' ({points[name].value}) is not a ggnd_plugin StarterConfig")
+    return config
+
+
+def starter_configs() -> dict[str, StarterConfig]:
+    """Every registered starter config that loads, by name."""
+    configs = {}
+    for name in starter_config_names():
+        try:
+            configs[name] = starter_config(name)
+        except GGNDError:
+            continue
+    return configs

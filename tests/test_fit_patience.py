@@ -16,7 +16,7 @@ def _option(command: list[str], flag: str) -> str:
 
 def test_mace_fit_stops_on_the_validation_loss(tmp_path):
     pytest.importorskip("mace")
-    from ggnd_plugin.adapters.mace_train import fit_command
+    from ggnd_plugin.adapters.mace.training import fit_command
 
     plain, _ = fit_command(TRAIN, VALID, tmp_path, None, 150, 0, "tiny")
     assert "--patience" not in plain  # without patience: MACE's defaults, all epochs

@@ -19,8 +19,8 @@ from ase import Atoms  # noqa: E402
 from ase.io import read, write  # noqa: E402
 
 from ggnd_plugin import testing  # noqa: E402
-from ggnd_plugin.adapters.base import validate_adapter  # noqa: E402
 from ggnd_plugin.adapters.mace import GGNDMACE, MACEAdapter, sniff_model_file  # noqa: E402
+from ggnd_plugin.adapters.validate import validate_adapter  # noqa: E402
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
 from ggnd_plugin.default_data import default_data_path  # noqa: E402
 from ggnd_plugin.errors import GGNDError  # noqa: E402
@@ -384,7 +384,7 @@ def test_torchsim_validate_model_outputs(adapter, host):
 def test_optimizer_patch_targets_still_exist(monkeypatch):
     from mace.cli import run_train
 
-    from ggnd_plugin.adapters.mace_train import check_patch_targets
+    from ggnd_plugin.adapters.mace.training import check_patch_targets
 
     check_patch_targets()  # mace-torch as installed
     monkeypatch.delattr(run_train, "get_params_options")
@@ -397,7 +397,7 @@ def test_optimizer_groups_include_ggnd(adapter, upgraded):
     from mace.tools import build_default_arg_parser
     from mace.tools.scripts_utils import get_params_options
 
-    from ggnd_plugin.adapters.mace_train import with_ggnd_group
+    from ggnd_plugin.adapters.mace.training import with_ggnd_group
 
     args = build_default_arg_parser().parse_args(["--name", "x", "--train_file", "x.xyz", "--lr", "0.02"])
     options = get_params_options(args, upgraded)
@@ -412,7 +412,7 @@ def test_optimizer_groups_include_ggnd(adapter, upgraded):
 
 
 def test_ggnd_options_parse_into_a_config(tmp_path):
-    from ggnd_plugin.adapters.mace_train import build_parser, split_ggnd_arguments
+    from ggnd_plugin.adapters.mace.training import build_parser, split_ggnd_arguments
 
     base = ["--name", "x", "--train_file", "t.xyz"]
     file = tmp_path / "ggnd.yaml"
@@ -433,13 +433,13 @@ def test_ggnd_options_parse_into_a_config(tmp_path):
 
 def test_fit_command_parses_back_with_device_and_variant(tmp_path):
     """The command MACEAdapter.fit runs is accepted by ggnd-mace-train's own parser, options intact."""
-    from ggnd_plugin.adapters.mace_train import build_parser, fit_command, split_ggnd_arguments
+    from ggnd_plugin.adapters.mace.training import build_parser, fit_command, split_ggnd_arguments
 
     config = GGNDConfig(channels=8, heads=2, steps=2, variant="mp")
     command, model_path = fit_command(
         tmp_path / "t.xyz", tmp_path / "v.xyz", tmp_path / "run", config, 7, 3, "tiny", device="cuda"
     )
-    assert command[1:3] == ["-m", "ggnd_plugin.adapters.mace_train"]
+    assert command[1:3] == ["-m", "ggnd_plugin.adapters.mace.training"]
     args, parsed, _ = split_ggnd_arguments(build_parser().parse_args(command[3:]))
     assert (args.device, args.max_num_epochs, args.seed) == ("cuda", 7, 3)
     assert parsed == config and model_path == tmp_path / "run" / "mace-ggnd.model"

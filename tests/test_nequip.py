@@ -18,8 +18,8 @@ pytest.importorskip("nequip")
 
 from ase.io import read, write  # noqa: E402
 
-from ggnd_plugin.adapters.base import validate_adapter  # noqa: E402
 from ggnd_plugin.adapters.nequip import NequIPAdapter  # noqa: E402
+from ggnd_plugin.adapters.validate import validate_adapter  # noqa: E402
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
 from ggnd_plugin.default_data import default_data_path  # noqa: E402
 from ggnd_plugin.errors import GGNDError  # noqa: E402
@@ -91,7 +91,7 @@ def test_zero_init_reproduces_host_exactly(adapter, host, upgraded, frames):
 
 
 def test_ggnd_is_inserted_before_the_last_convnet_and_contributes(adapter, host, perturbed, frames):
-    from ggnd_plugin.adapters.nequip_build import energy_network
+    from ggnd_plugin.adapters.nequip.builders import energy_network
 
     names = [name for name, _ in energy_network(perturbed).named_children()]
     assert names.index("ggnd") == names.index("layer1_convnet") - 1

@@ -71,12 +71,12 @@ def test_fit_refuses_bad_arguments(adapter, data, tmp_path):
 
 
 def test_failed_training_reports_the_log_tail(adapter, data, tmp_path, monkeypatch):
-    from ggnd_plugin.adapters import nequip as nequip_adapter
+    from ggnd_plugin.adapters.nequip import training as nequip_training
 
-    template = nequip_adapter.FIT_TEMPLATE.read_text()
+    template = nequip_training.FIT_TEMPLATE.read_text()
     broken = tmp_path / "fit.yaml"
     broken.write_text(template.replace("ASEDataModule", "NoSuchDataModule"))
-    monkeypatch.setattr(nequip_adapter, "FIT_TEMPLATE", broken)
+    monkeypatch.setattr(nequip_training, "FIT_TEMPLATE", broken)
     with pytest.raises(GGNDError, match=r"nequip-train failed(.|\n)*NoSuchDataModule"):
         adapter.fit(data["train"], data["valid"], tmp_path / "work", epochs=1, size="tiny")
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ggnd_plugin import registry
-from ggnd_plugin.adapters.base import validate_adapter
+from ggnd_plugin.adapters.validate import AdapterContractError, validate_adapter
 from ggnd_plugin.cli import main
 from ggnd_plugin.data import read_labelled
 from ggnd_plugin.default_data import default_data_path
@@ -82,6 +82,65 @@ def test_toy_adapter_honours_the_contract(toyhost, frames, tmp_path):
     model = toyhost.ToyPotential()
     upgraded = validate_adapter(toyhost.ToyAdapter(), model, frames[:3], tmp_path)
     assert len(toyhost.ToyAdapter().ggnd_blocks(upgraded)) == 1
+
+
+def _toy_torchsim_model(model, leak: bool = False):
+    """A TorchSim model of the toy host. ``leak=True`` computes the batch as one system: the systems of
+    the batch interact, the bug the contract check must catch. The toy host has no periodic images."""
+    from torch_sim.models.interface import ModelInterface
+
+    class ToyTorchSimModel(ModelInterface):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self._device, self._dtype = torch.device("cpu"), torch.float64
+            self._compute_forces, self._compute_stress = True, False
+
+        def forward(self, state, **kwargs):
+            host = getattr(self.model, "host", self.model)
+            dtype = next(self.model.parameters()).dtype
+            batch = state.system_idx
+            with torch.enable_grad():
+                positions = state.positions.detach().to(dtype).requires_grad_(True)
+                species = host.species_of[state.atomic_numbers]
+                atom_energy = self.model.atom_energy(
+                    positions, species, torch.zeros_like(batch) if leak else batch
+                )
+                energy = torch.zeros(state.n_systems, dtype=dtype).index_add(0, batch, atom_energy)
+                (grad,) = torch.autograd.grad(energy.sum(), positions)
+            return {"energy": energy.detach().double(), "forces": -grad.detach().double()}
+
+    return ToyTorchSimModel()
+
+
+def test_a_broken_adapter_is_refused_with_what_it_broke(toyhost, frames, tmp_path):
+    class ChangesPredictions(toyhost.ToyAdapter):
+        def attach(self, model, config):
+            upgraded = super().attach(model, config)
+            with torch.no_grad():
+                for parameter in upgraded.ggnd.parameters():
+                    parameter.add_(0.1)
+            return upgraded
+
+    class LeaksAcrossTheBatch(toyhost.ToyAdapter):
+        def torchsim_model(self, model, device="cpu", dtype=torch.float64):
+            return _toy_torchsim_model(model, leak=True)
+
+    class IgnoresPeriodicImages(toyhost.ToyAdapter):
+        def torchsim_model(self, model, device="cpu", dtype=torch.float64):
+            return _toy_torchsim_model(model)
+
+    torch.manual_seed(0)
+    model = toyhost.ToyPotential()
+    with pytest.raises(AdapterContractError, match=r"toyhost: attach\(\) at zero init changed predictions"):
+        validate_adapter(ChangesPredictions(), model, frames[:3], tmp_path)
+    with pytest.raises(
+        AdapterContractError, match="toyhost: the TorchSim model gives frame 0 other energies"
+    ):
+        validate_adapter(LeaksAcrossTheBatch(), model, frames[:3], tmp_path)
+    # Batches and predict() agree; TorchSim's own validator then moves an atom by a lattice vector.
+    with pytest.raises(AdapterContractError, match="validate_model_outputs refused.*lattice"):
+        validate_adapter(IgnoresPeriodicImages(), model, frames[:3], tmp_path)
 
 
 def test_unknown_host_and_unknown_file_are_named(toyhost, tmp_path):

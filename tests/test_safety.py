@@ -424,7 +424,7 @@ def test_host_fit_folder_of_something_else_is_refused_and_an_earlier_fit_restart
 def test_ggnd_mace_train_refuses_an_existing_model_and_a_model_that_is_an_input(tmp_path):
     from argparse import Namespace
 
-    from ggnd_plugin.adapters.mace_train import check_model_output
+    from ggnd_plugin.adapters.mace.training import check_model_output
 
     args = Namespace(
         name="x",

@@ -18,9 +18,9 @@ pytest.importorskip("schnetpack")
 import schnetpack as spk  # noqa: E402
 from ase.io import read  # noqa: E402
 
-from ggnd_plugin.adapters import schnetpack_module  # noqa: E402
-from ggnd_plugin.adapters.base import validate_adapter  # noqa: E402
 from ggnd_plugin.adapters.schnetpack import SchNetPackAdapter, run_metadata  # noqa: E402
+from ggnd_plugin.adapters.schnetpack import output_module as schnetpack_module  # noqa: E402
+from ggnd_plugin.adapters.validate import validate_adapter  # noqa: E402
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
 from ggnd_plugin.data import read_labelled  # noqa: E402
 from ggnd_plugin.default_data import default_data_path  # noqa: E402
@@ -68,7 +68,7 @@ def rotation(seed=5):
 
 
 def test_input_keys_are_schnetpack_properties():
-    from ggnd_plugin.adapters import schnetpack_torchsim
+    from ggnd_plugin.adapters.schnetpack import torchsim_model as schnetpack_torchsim
 
     p = spk.properties
     assert (schnetpack_module.Z_KEY, schnetpack_module.R_KEY) == (p.Z, p.R)
@@ -424,7 +424,7 @@ def test_config_groups_compose_with_schnetpack_experiments():
     targets = [m["_target_"] for m in config.model.output_modules]
     assert targets == [
         "schnetpack.atomistic.Atomwise",
-        "ggnd_plugin.adapters.schnetpack_module.GGNDEnergy",
+        "ggnd_plugin.adapters.schnetpack.GGNDEnergy",
         "schnetpack.atomistic.Forces",
     ]
     ggnd = config.model.output_modules[1]
@@ -469,7 +469,7 @@ def test_hydra_instantiates_the_ggnd_model():
 
 @pytest.fixture
 def database(tmp_path, capsys):
-    from ggnd_plugin.adapters.schnetpack_data import main
+    from ggnd_plugin.adapters.schnetpack.database import main
 
     db = tmp_path / "3bpa.db"
     assert main([str(TRAIN), str(db), "--index", ":10"]) == 0

@@ -13,7 +13,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from ggnd_plugin.cli import main
-from ggnd_plugin.commands.config import STARTER_CONFIGS
+from ggnd_plugin.registry import starter_config_names
 
 needs = {
     name: pytest.mark.skipif(importlib.util.find_spec(name) is None, reason=f"{name} not installed")
@@ -39,7 +39,7 @@ def ggnd_options(name: str, config: dict) -> dict:
     return config["training_module"]["model"]["ggnd"]
 
 
-@pytest.mark.parametrize("name", sorted(STARTER_CONFIGS))
+@pytest.mark.parametrize("name", starter_config_names())
 def test_each_config_is_yaml_with_a_version_2_block(name, capsys):
     from ggnd_plugin.block import GGNDConfig
 
@@ -133,7 +133,7 @@ def test_schnetpack_experiment_builds_painn_with_ggnd(tmp_path, capsys):
     from hydra import initialize_config_module
     from hydra.utils import instantiate
 
-    from ggnd_plugin.adapters.schnetpack_module import GGNDEnergy
+    from ggnd_plugin.adapters.schnetpack.output_module import GGNDEnergy
 
     experiments = tmp_path / "configs" / "experiment"
     experiments.mkdir(parents=True)
@@ -166,7 +166,7 @@ def test_schnetpack_experiment_builds_painn_with_ggnd(tmp_path, capsys):
 
 @needs["mace"]
 def test_mace_config_parses_with_ggnd_mace_train(tmp_path, capsys):
-    from ggnd_plugin.adapters.mace_train import build_parser, split_ggnd_arguments
+    from ggnd_plugin.adapters.mace.training import build_parser, split_ggnd_arguments
 
     path = tmp_path / "ggnd_mace.yaml"
     path.write_text(printed(capsys, "config", "mace"))

@@ -1,4 +1,4 @@
-"""host_fit.run_trainer: the one place the three adapters run their host's trainer (log, progress, errors)."""
+"""host_trainer.run_trainer: the one place the three adapters run their host's trainer (log, progress, errors)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from contextlib import redirect_stderr
 
 import pytest
 
-from ggnd_plugin.adapters.schnetpack import _EPOCH_LINE as SPK_EPOCH_LINE
+from ggnd_plugin.adapters.host_trainer import run_trainer
+from ggnd_plugin.adapters.schnetpack.training import _EPOCH_LINE as SPK_EPOCH_LINE
 from ggnd_plugin.errors import GGNDError
-from ggnd_plugin.host_fit import run_trainer
 
 
 def _trainer(lines: list[str], exit_code: int) -> list[str]:

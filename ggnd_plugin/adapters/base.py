@@ -8,8 +8,9 @@ the tooling (upgrade, fine-tuning, evaluation, MD). It is a class registered in 
     myhost = "myhost_ggnd.adapter:MyHostAdapter"
 
 Adapters import their host lazily (inside methods), so listing adapters never imports a host.
-:func:`validate_adapter` checks an adapter against this contract on a real model; a third-party adapter
-calls it in its own tests, as TorchSim's ``validate_model_outputs`` does for models.
+:func:`ggnd_plugin.adapters.validate_adapter` (:mod:`ggnd_plugin.adapters.validate`) checks an adapter
+against this contract on a real model; a third-party adapter calls it in its own tests, as TorchSim's
+``validate_model_outputs`` does for models (docs/adapters.md).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ggnd_plugin.adapters.host_trainer import FitRequest, HostTrainer, TrainerCommand
 from ggnd_plugin.block import FeatureSpec, GGNDConfig
 from ggnd_plugin.errors import GGNDError
 
@@ -112,6 +114,11 @@ class HostAdapter(ABC):
         for block in self.ggnd_blocks(model):
             yield from block.parameters()
 
+    # ---- training from scratch (optional) -----------------------------------------------------------
+    # The host's own training command; None: this adapter cannot train models from scratch. An adapter
+    # that sets it overrides :meth:`check_fit`, :meth:`fit_outputs` and :meth:`prepare_fit`.
+    trainer: ClassVar[HostTrainer | None] = None
+
     def fit(
         self,
         train: Path,
@@ -132,7 +139,64 @@ class HostAdapter(ABC):
         validation loss has not improved for this many epochs (at most ``epochs``), with the learning
         rate halved after ``max(2, patience // 3)`` epochs without improvement; None trains ``epochs``
         epochs with the host's defaults. Used by ``ggnd demo`` and ``benchmarks/paper_3bpa.py``.
+
+        The steps are every host's: refuse bad arguments before touching ``work_dir``
+        (:meth:`check_fit`); hold ``work_dir``, removing the outputs of an earlier attempt
+        (:meth:`fit_outputs`, :func:`ggnd_plugin.host_fit.fit_work_dir`: a fit stopped part-way
+        restarts from scratch there, and ``work_dir`` must otherwise be new or empty); write the host's
+        training inputs and build its command (:meth:`prepare_fit`); run it with a log and a progress
+        bar (:attr:`trainer`); load the model file it wrote (:meth:`load`).
         """
+        from ggnd_plugin.host_fit import fit_work_dir
+
+        trainer = self.trainer
+        if trainer is None:
+            raise GGNDError(f"the {self.name} adapter cannot train models from scratch")
+        self.require()
+        request = FitRequest(
+            train=Path(train),
+            valid=Path(valid),
+            work_dir=Path(work_dir).absolute(),
+            config=config,
+            epochs=epochs,
+            seed=seed,
+            size=size,
+            device=device,
+            patience=patience,
+        )
+        self.check_fit(request)
+        outputs = self.fit_outputs(request)
+        inputs = [train, valid]
+        with fit_work_dir(request.work_dir, self.name, outputs, inputs, legacy_marks=[trainer.log_name]):
+            command = self.prepare_fit(request)
+            trainer.run(
+                command.argv,
+                request.work_dir,
+                epochs,
+                label=request.work_dir.name,
+                cwd=command.cwd,
+                env=command.env,
+                header=command.header,
+            )
+            if not command.model_path.is_file():
+                raise GGNDError(
+                    f"{trainer.name} finished but wrote no {command.model_path}; "
+                    f"see {request.work_dir / trainer.log_name}"
+                )
+            return self.load(command.model_path)
+
+    def check_fit(self, request: FitRequest) -> None:
+        """Raise :class:`GGNDError` for fit arguments the host cannot train with (nothing is written)."""
+        return None
+
+    def fit_outputs(self, request: FitRequest) -> Sequence[str]:
+        """Names or glob patterns, relative to the work folder, of everything the host's trainer (and
+        :meth:`prepare_fit`) writes there: what a restarted fit removes first."""
+        return ()
+
+    def prepare_fit(self, request: FitRequest) -> TrainerCommand:
+        """Write the host's training inputs (config, data, ...) into the work folder and return the
+        command that trains the model."""
         raise GGNDError(f"the {self.name} adapter cannot train models from scratch")
 
     # ---- what the model knows -----------------------------------------------------------------------
@@ -213,65 +277,3 @@ def lightning_accelerator(device: str) -> str:
     if kind not in ("cpu", "cuda"):
         raise GGNDError(f"device must be cpu or cuda, got {device!r}")
     return "gpu" if kind == "cuda" else "cpu"
-
-
-# --------------------------------------------------------------------------------------------------
-# Contract validation, for our adapters and third-party ones
-# --------------------------------------------------------------------------------------------------
-def validate_adapter(
-    adapter: HostAdapter,
-    model: nn.Module,
-    structures: Sequence[Atoms],
-    tmp_path: Path,
-    config: GGNDConfig | None = None,
-    atol: float = 1e-6,
-) -> nn.Module:
-    """Check that ``adapter`` honours the contract on ``model``; return the upgraded model.
-
-    Checks, each with a message naming what failed:
-    recognition of the model and of its saved file; the feature spec; attaching GGND changes no
-    prediction; the upgraded model is recognised, has GGND parameters, and survives save/load with
-    identical predictions; the ASE calculator agrees with :meth:`HostAdapter.predict`.
-    """
-    config = config or GGNDConfig(channels=8, heads=2)
-    assert adapter.recognises_model(model), f"{adapter.name}: does not recognise its own model"
-    spec = adapter.feature_spec(model)
-    assert isinstance(spec, FeatureSpec), f"{adapter.name}: feature_spec must return a FeatureSpec"
-    assert not adapter.ggnd_blocks(model), f"{adapter.name}: plain model reports GGND blocks"
-
-    before = adapter.predict(model, structures)
-    upgraded = adapter.attach(model, config)
-    after = adapter.predict(upgraded, structures)
-    assert adapter.recognises_model(upgraded), f"{adapter.name}: does not recognise the upgraded model"
-    assert adapter.ggnd_blocks(upgraded), f"{adapter.name}: attach() added no GGND block"
-    assert any(True for _ in adapter.ggnd_parameters(upgraded)), f"{adapter.name}: GGND has no parameters"
-    _assert_close(before, after, atol, f"{adapter.name}: attach() at zero init changed predictions")
-
-    path = adapter.save(
-        upgraded, tmp_path / f"upgraded{adapter.file_suffixes[0] if adapter.file_suffixes else ''}"
-    )
-    assert adapter.recognises_file(path), f"{adapter.name}: does not recognise its own saved file {path}"
-    reloaded = adapter.load(path)
-    _assert_close(
-        after, adapter.predict(reloaded, structures), atol, f"{adapter.name}: save/load changed predictions"
-    )
-
-    calculator = adapter.ase_calculator(upgraded)
-    for index, atoms in enumerate(structures):
-        atoms = atoms.copy()
-        atoms.calc = calculator
-        energy = atoms.get_potential_energy()
-        forces = torch.as_tensor(atoms.get_forces())
-        assert abs(energy - after.energy[index].item()) < max(atol, 1e-9 * abs(energy)), (
-            f"{adapter.name}: ASE energy differs from predict() on frame {index}"
-        )
-        start = sum(len(a) for a in structures[:index])
-        ref = after.forces[start : start + len(atoms)].detach().cpu().to(forces.dtype)
-        assert (forces - ref).abs().max() < atol, f"{adapter.name}: ASE forces differ on frame {index}"
-    return upgraded
-
-
-def _assert_close(a: Prediction, b: Prediction, atol: float, message: str) -> None:
-    de = (a.energy.detach() - b.energy.detach()).abs().max().item()
-    df = (a.forces.detach() - b.forces.detach()).abs().max().item()
-    assert de <= atol and df <= atol, f"{message} (max |dE| = {de:.3g} eV, max |dF| = {df:.3g} eV/Å)"

@@ -1,34 +1,45 @@
-"""``ggnd config``: starter training configs with a GGND block, one per host's own training command."""
+"""``ggnd config``: starter training configs with a GGND block, one per host's own training command.
+
+The configs are the ones registered in the entry-point group ``ggnd_plugin.starter_configs``
+(:func:`ggnd_plugin.registry.starter_configs`): each host's distribution declares those it ships. The
+parser is built without reading that group (every ``ggnd`` command builds all parsers); the name is
+checked, and the list shown, only when ``ggnd config`` itself runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import textwrap
-from importlib import resources
 
 from ggnd_plugin import validation as v
 
-# name on the command line -> (file in ggnd_plugin/configs, what it is)
-STARTER_CONFIGS = {
-    "mace": ("mace_train.yaml", "ggnd-mace-train --config FILE (MACE + GGND from scratch)"),
-    "nequip": ("nequip_train.yaml", "nequip-train config (NequIP + GGND from scratch)"),
-    "nequip-finetune": (
-        "nequip_finetune.yaml",
-        "nequip-train config (GGND attached to a fitted NequIP checkpoint, fine-tuned)",
-    ),
-    "schnetpack": ("schnetpack_experiment.yaml", "spktrain experiment (PaiNN + GGND)"),
-}
-
 
 def starter_config(name: str) -> str:
-    """The text of the starter config ``name`` (a key of :data:`STARTER_CONFIGS`)."""
-    file_name, _ = STARTER_CONFIGS[name]
-    return resources.files("ggnd_plugin").joinpath("configs", file_name).read_text(encoding="utf-8")
+    """The text of the starter config registered as ``name``."""
+    from ggnd_plugin.registry import starter_config as registered
+
+    return registered(name).text()
+
+
+def _starter_config_name(text: str) -> str:
+    from ggnd_plugin.registry import starter_config_names
+
+    names = starter_config_names()
+    if text not in names:
+        shown = ", ".join(repr(name) for name in names) or "none registered"
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {shown})")
+    return text
+
+
+def _listing() -> str:
+    from ggnd_plugin.registry import starter_configs
+
+    lines = [f"  {name:16s} {config.summary}" for name, config in starter_configs().items()]
+    return "starter configs:\n" + ("\n".join(lines) or "  (none registered)") + "\n"
 
 
 def register(subparsers) -> None:
-    listing = "\n".join(f"  {name:16s} {what}" for name, (_, what) in STARTER_CONFIGS.items())
     parser = subparsers.add_parser(
         "config",
         help="print a starter training config with GGND for a host's own training command",
@@ -36,13 +47,14 @@ def register(subparsers) -> None:
             "Print a ready training config with a GGND block for the host's own training command; "
             "its header says how to run it. Data paths are placeholders to fill in (nequip and "
             "schnetpack: `???`, set on the command line)."
-        )
-        + "\n\n"
-        + listing,
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     v.one_line_errors(parser)
-    parser.add_argument("host", choices=sorted(STARTER_CONFIGS), help="which config to print")
+    parser.add_argument("host", type=_starter_config_name, help="which config to print (listed below)")
+    # The listing reads the registered configs: only when this command's help is shown.
+    format_help = parser.format_help
+    parser.format_help = lambda: format_help() + "\n" + _listing()  # type: ignore[method-assign]
     parser.set_defaults(handler=run)
 
 

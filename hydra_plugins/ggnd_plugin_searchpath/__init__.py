@@ -2,7 +2,7 @@
 
 Hydra imports every module of the ``hydra_plugins`` namespace package and registers the
 ``SearchPathPlugin`` subclasses it finds, in every hydra application (``nequip-train`` too). The
-groups in ``ggnd_plugin/adapters/schnetpack_configs`` (``experiment=ggnd_painn_3bpa``, ``+ggnd=painn``,
+groups in ``ggnd_plugin/adapters/schnetpack/configs`` (``experiment=ggnd_painn_3bpa``, ``+ggnd=painn``,
 ...) are added only when the application's primary config comes from SchNetPack (``spktrain``,
 ``spkpredict``), so other applications do not list them in their help. The path is appended: the
 user's and SchNetPack's configs keep precedence. Kept to hydra imports only.
@@ -11,7 +11,7 @@ user's and SchNetPack's configs keep precedence. Kept to hydra imports only.
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-CONFIG_PACKAGE = "pkg://ggnd_plugin.adapters.schnetpack_configs"
+CONFIG_PACKAGE = "pkg://ggnd_plugin.adapters.schnetpack.configs"
 HOST_PACKAGE = "schnetpack"
 
 

@@ -1,8 +1,8 @@
 """GGND as NequIP graph modules (the code that travels inside ``nequip-package`` files).
 
-This module is interned by ``nequip-package`` (see :func:`ggnd_plugin.adapters.nequip_build.register_for_packaging`),
+This module is interned by ``nequip-package`` (see :func:`ggnd_plugin.adapters.nequip.builders.register_for_packaging`),
 so it imports only torch, nequip's data and nn layers and :mod:`ggnd_plugin.block`; the builders and
-the upgrade target, which need more of nequip, live in :mod:`ggnd_plugin.adapters.nequip_build`.
+the upgrade target, which need more of nequip, live in :mod:`ggnd_plugin.adapters.nequip.builders`.
 
 Pairs. The block needs its pair table inside the model's forward. Eager runs use the block's own
 (``GGNDBlock.pairs``: one square block per system). Under ``nequip-compile`` (``make_fx`` with symbolic
@@ -15,8 +15,6 @@ TorchSim's neighbour list and work in eager mode only.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from nequip.data import AtomicDataDict
@@ -35,21 +33,14 @@ from ggnd_plugin.block import (
 GGND_ENERGY_FIELD = "ggnd_atomic_energy"
 
 
-def _symbolic(size) -> bool:
-    """True for a size traced symbolically (nequip-compile's make_fx), where values are unknown."""
-    return not isinstance(size, int)
+def _symbolic_size(size) -> bool:
+    """True for a size traced symbolically (``nequip-compile``'s ``make_fx``): the number of atoms is
+    then unknown, so the pair table must be one whose shape follows from it alone.
 
-
-def _traced_session(size):
-    """Mark a symbolic trace as compiling, so the block skips its value checks (species range).
-
-    ``nequip-compile`` traces with ``make_fx``, which ``ggnd_plugin.block._tracing`` does not detect
-    (it checks torch.compile/export/jit); a check like ``species.min() < 0`` would then be a
-    data-dependent branch that the trace refuses.
+    Whether to skip value checks is another question, which the block answers itself with
+    :func:`ggnd_plugin.tracing.is_tracing` (it sees ``make_fx`` through its proxy mode).
     """
-    if _symbolic(size):
-        return torch.compiler._compile_session_context()
-    return contextlib.nullcontext()
+    return not isinstance(size, int)
 
 
 class GGNDAtomicEnergy(GraphModuleMixin, torch.nn.Module):
@@ -87,7 +78,7 @@ class GGNDAtomicEnergy(GraphModuleMixin, torch.nn.Module):
         n = positions.shape[0]
         radius = self.block.config.pair_radius
         if radius is not None:
-            if _symbolic(n):
+            if _symbolic_size(n):
                 raise RuntimeError(
                     "GGND with a finite pair radius (r_g or the 'local' variant) builds its pairs with a "
                     "neighbour list and cannot be compiled; compile models with r_g=None (molecules)"
@@ -101,7 +92,7 @@ class GGNDAtomicEnergy(GraphModuleMixin, torch.nn.Module):
                 cell=None if cell is None else cell.reshape(-1, 3, 3),
                 pbc=None if pbc is None else pbc.reshape(-1, 3),
             )
-        if not _symbolic(n):
+        if not _symbolic_size(n):
             pbc = data.get(AtomicDataDict.PBC_KEY, None)
             if pbc is not None and bool(pbc.any()):
                 raise ValueError(
@@ -135,15 +126,14 @@ class GGNDAtomicEnergy(GraphModuleMixin, torch.nn.Module):
         cell = None
         if self.block.config.pair_radius is not None and AtomicDataDict.CELL_KEY in data:
             cell = data[AtomicDataDict.CELL_KEY].reshape(-1, 3, 3)
-        with _traced_session(positions.shape[0]):
-            energy = self.block(
-                data[self.feature_field],
-                positions,
-                data[AtomicDataDict.ATOM_TYPE_KEY].reshape(-1),
-                self.pairs(data),
-                batch=self._batch(data),
-                cell=cell,
-            )
+        energy = self.block(
+            data[self.feature_field],
+            positions,
+            data[AtomicDataDict.ATOM_TYPE_KEY].reshape(-1),
+            self.pairs(data),
+            batch=self._batch(data),
+            cell=cell,
+        )
         data[self.out_field] = energy.unsqueeze(-1)
         return data
 

@@ -3,7 +3,7 @@
 This module imports nequip at top level, so it is imported only once nequip is (by the builders that
 configs name, by the adapter); the ``nequip.extension`` entry point stays a light module because nequip
 imports it from the middle of its own ``__init__``. The graph modules themselves are in
-:mod:`ggnd_plugin.adapters.nequip_modules`.
+:mod:`ggnd_plugin.adapters.nequip.graph_modules`.
 
 Where the block goes. ``NequIPGNNModel`` is ``SequentialGraphNetwork(type_embed, ..., layer0_convnet, ...,
 layerL_convnet, per_atom_energy_readout, per_type_energy_scale_shift, total_energy_sum)`` wrapped in
@@ -39,13 +39,15 @@ from nequip.data import AtomicDataDict
 from nequip.model import model_builder
 from nequip.utils.compile import conditional_torchscript_mode
 
-from ggnd_plugin.adapters.nequip_modules import AddGGNDEnergy, GGNDAtomicEnergy
+from ggnd_plugin.adapters.nequip.graph_modules import AddGGNDEnergy, GGNDAtomicEnergy
 from ggnd_plugin.block import GGNDConfig
 
 GGND_MODULE_NAME = "ggnd"
 GGND_ADD_NAME = "ggnd_energy_sum"
 
-PACKAGED_MODULES = ("ggnd_plugin.adapters.nequip_modules",)
+# Interned: the module of the graph modules, and its name in packages written by 0.1.0 and 0.2.0 (a
+# model loaded from such a package keeps its own copy, which re-saving it packages again).
+PACKAGED_MODULES = ("ggnd_plugin.adapters.nequip.graph_modules", "ggnd_plugin.adapters.nequip_modules")
 # ggnd_plugin.block is external (loading the package needs ggnd-plugin installed) because interned
 # dataclasses defined under `from __future__ import annotations` fail to load from a torch.package;
 # block_v1 holds the class of version-1 blocks, which re-saving a 0.1.0 model pickles by name.

@@ -17,7 +17,7 @@ hold the ``ggnd_*`` keys). Added options:
 MACE's own files (checkpoints, ``.model``) are written atomically during the run (a temporary file
 renamed into place), so a killed run never leaves a truncated checkpoint for ``--restart_latest``.
 
-The result is MACE's usual ``<name>.model`` (a pickled :class:`~ggnd_plugin.adapters.mace.GGNDMACE`),
+The result is MACE's usual ``<name>.model`` (a pickled :class:`~ggnd_plugin.adapters.mace.wrapper.GGNDMACE`),
 which ``MACECalculator``, TorchSim's ``MaceModel`` and ``ggnd`` load. MACE's TorchScript export
 (``<name>_compiled.model``) is skipped by MACE itself for such a model: the GGND block is not scriptable.
 
@@ -46,6 +46,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from ggnd_plugin.adapters.host_trainer import HostTrainer
+from ggnd_plugin.adapters.mace.wrapper import GGNDMACE, attach_ggnd
 from ggnd_plugin.block import CURRENT_VERSION, GGNDConfig
 from ggnd_plugin.errors import GGNDError
 
@@ -170,11 +172,9 @@ def split_ggnd_arguments(args: argparse.Namespace) -> tuple[argparse.Namespace, 
 # --------------------------------------------------------------------------------------------------
 def check_patch_targets() -> None:
     """Raise GGNDError unless ``mace.cli.run_train`` still has what :func:`ggnd_training_patch` replaces."""
+    from mace import __version__ as version
     from mace.cli import run_train
 
-    from ggnd_plugin.adapters.mace import MACEAdapter
-
-    version = MACEAdapter().version()
     for name, expected in PATCH_TARGETS.items():
         function = getattr(run_train, name, None)
         if not callable(function):
@@ -195,8 +195,6 @@ def check_patch_targets() -> None:
 
 
 def ggnd_param_group(args, model, lr_factor: float) -> dict[str, Any]:
-    from ggnd_plugin.adapters.mace import GGNDMACE
-
     if not isinstance(model, GGNDMACE):
         raise GGNDError(f"expected a MACE model with GGND, got {type(model).__name__}")
     return {
@@ -228,8 +226,6 @@ def ggnd_training_patch(config: GGNDConfig, lr_factor: float = 1.0) -> Iterator[
     See the module docstring for what is replaced and why; both names are restored on exit.
     """
     from mace.cli import run_train
-
-    from ggnd_plugin.adapters.mace import attach_ggnd
 
     check_patch_targets()
     original_configure = run_train.configure_model
@@ -376,6 +372,16 @@ SIZES = {
 }
 
 
+def check_size(size: str) -> None:
+    if size not in SIZES:
+        raise GGNDError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
+
+
+def model_name(config: GGNDConfig | None) -> str:
+    """The ``--name`` of a fit: the model file is ``<name>.model``."""
+    return "mace-ggnd" if config is not None else "mace"
+
+
 def fit_command(
     train: Path,
     valid: Path,
@@ -392,10 +398,9 @@ def fit_command(
     ``patience``: MACE's early stopping (``--patience``) on the validation loss, with its plateau
     scheduler halving the learning rate after ``max(2, patience // 3)`` epochs without improvement.
     """
-    if size not in SIZES:
-        raise GGNDError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
+    check_size(size)
     work_dir = Path(work_dir)
-    name = "mace-ggnd" if config is not None else "mace"
+    name = model_name(config)
     options = {
         "name": name,
         "seed": seed,
@@ -422,7 +427,7 @@ def fit_command(
     }
     if patience is not None:
         options.update(patience=patience, scheduler_patience=max(2, patience // 3), lr_factor=0.5)
-    command = [sys.executable, "-m", "ggnd_plugin.adapters.mace_train"]
+    command = [sys.executable, "-m", "ggnd_plugin.adapters.mace.training"]
     for key, value in options.items():
         command += [f"--{key}", str(value)]
     model_path = work_dir / f"{name}.model"
@@ -434,6 +439,11 @@ def fit_command(
 
 
 FIT_LOG = "ggnd-mace-train.log"
+# MACE logs one "Epoch N: ... loss=..." line per validation; those lines drive fit()'s progress bar, so a
+# long fit shows where it is without flooding the terminal with MACE's own log.
+TRAINER = HostTrainer(
+    name="ggnd-mace-train", log_name=FIT_LOG, epoch_line=r"Epoch (\d+):.*?loss=\s*(?P<loss>[0-9.eE+-]+)"
+)
 
 
 def fit_outputs(name: str) -> list[str]:
@@ -450,23 +460,9 @@ def fit_outputs(name: str) -> list[str]:
 
 
 def run_fit(command: list[str], work_dir: Path, epochs: int | None = None, label: str = "mace") -> None:
-    """Run the training command, its output going to ``work_dir/ggnd-mace-train.log``.
-
-    MACE logs one ``Epoch N:`` line per validation; those lines drive a progress bar, so a long fit
-    shows where it is without flooding the terminal with MACE's own log.
-    """
-    from ggnd_plugin.host_fit import run_trainer
-
-    work_dir.mkdir(parents=True, exist_ok=True)
-    log = work_dir / FIT_LOG
-    run_trainer(
-        command,
-        log,
-        trainer="ggnd-mace-train",
-        label=label,
-        epochs=epochs,
-        epoch_line=r"Epoch (\d+):.*?loss=\s*(?P<loss>[0-9.eE+-]+)",
-    )
+    """Run the training command, its output going to ``work_dir/ggnd-mace-train.log`` and its epochs
+    to a progress bar (:data:`TRAINER`)."""
+    TRAINER.run(command, Path(work_dir), epochs, label=label)
 
 
 if __name__ == "__main__":

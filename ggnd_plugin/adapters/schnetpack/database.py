@@ -1,6 +1,6 @@
 """Labelled extxyz -> the ASE database that ``spktrain`` reads (``data.datapath``).
 
-    python -m ggnd_plugin.adapters.schnetpack_data train_300K.xyz 3bpa_train.db
+    python -m ggnd_plugin.adapters.schnetpack.database train_300K.xyz 3bpa_train.db
 
 Energies and forces are read with :func:`ggnd_plugin.data.read_labelled` (which accepts the usual
 key spellings) and stored with their units (eV, eV/Å, Å) through SchNetPack's own
@@ -67,7 +67,7 @@ def extxyz_to_spk_db(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ggnd_plugin.adapters.schnetpack_data",
+        prog="python -m ggnd_plugin.adapters.schnetpack.database",
         description="Convert labelled extxyz (energy, forces; eV, eV/Å) into an ASE database for spktrain.",
     )
     parser.add_argument("source", type=Path, help="extxyz file with energies and forces")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch_sim.models.interface import ModelInterface
 from torch_sim.neighbors import torchsim_nl
 
-from ggnd_plugin.adapters.schnetpack_module import (
+from ggnd_plugin.adapters.schnetpack.output_module import (
     CELL_KEY,
     IDX_M_KEY,
     N_ATOMS_KEY,
