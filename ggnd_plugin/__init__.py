@@ -8,7 +8,7 @@ imported by the modules that need them, when they need them.
 
 import importlib
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
 
 # Public name -> module that defines it, imported on first attribute access (PEP 562).
 _LAZY_EXPORTS = {
