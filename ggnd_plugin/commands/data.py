@@ -142,7 +142,8 @@ def register(subparsers) -> None:
 
 
 def run_generate(args) -> int:
-    from ggnd_plugin.reference import METHODS, GenerationSettings, generate
+    from ggnd_plugin.reference import GenerationSettings, generate
+    from ggnd_plugin.xtb import METHODS
 
     settings = GenerationSettings(
         smiles=args.smiles,
