@@ -270,6 +270,9 @@ ROWS = [
     ("stability", "--max-batch-atoms", "64", R, "give --autobatch too"),
     ("stability", "--baseline", "", A, "must not be empty"),
     ("stability", "--baseline", "nope", R, "--baseline nope: not one of the models of this run (tiny)"),
+    ("stability", "--failure-frames", "-1", A, "must be an integer >= 0, got -1"),
+    ("stability", "--failure-frames", "2.5", A, "got '2.5'"),
+    ("stability", "--failure-frame-every", "0", A, "must be a positive integer, got 0"),
     # scan
     ("scan", "models", "missing.model", A, "no such file"),
     ("scan", "models", "{data}", A, "not a model file"),
