@@ -109,6 +109,12 @@ def register(subparsers) -> None:
         metavar="STEPS",
         help="MD steps between those frames; default 10",
     )
+    parser.add_argument(
+        "--scan-failed",
+        action="store_true",
+        help="after the run, bond-stretch scans of every model for the bond types that broke (OUT/bond_scans, "
+        "a table in summary.md; `ggnd scan`). With --resume it adds them to a finished run",
+    )
     parser.add_argument("--out", type=v.OUTPUT_DIR, required=True, help="output directory")
     parser.add_argument("--resume", action="store_true", help="continue the run stopped in --out")
     parser.add_argument("--host", default="auto", type=v.HOST, help=HOST_HELP)
@@ -262,6 +268,27 @@ def _report_unfinished(error, out: Path) -> None:
 UNFINISHED_FILE = "unfinished.json"
 
 
+def _scan_failing_bonds(args, result, structure, device) -> None:
+    """Bond scans of the bond types that broke, appended to summary.md (molecules only)."""
+    from ggnd_plugin.md.failure_scans import failing_bond_types, scan_failing_bonds
+    from ggnd_plugin.registry import resolve
+    from ggnd_plugin.safe_io import atomic_write_text
+
+    types = failing_bond_types(result)
+    if not types or structure.pbc.any():
+        return
+    host_models = {}
+    for name, path in zip(_names(args.models), args.models, strict=True):
+        adapter = resolve(args.host, path)
+        host_models[name] = (adapter, adapter.load(path, device=str(device)))
+    lines = scan_failing_bonds(
+        host_models, structure, types, args.out, plots=not args.no_plots, progress=not args.no_progress
+    )
+    if lines:
+        summary = args.out / "summary.md"
+        atomic_write_text(summary, summary.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+
+
 def run(args) -> int:
     import torch
 
@@ -375,6 +402,10 @@ def run(args) -> int:
             if report and not _accepts_baseline(write_results):
                 report = {}  # the installed report functions predate --baseline
             paths = write_results(result, args.out, plots=not args.no_plots, **report)
+            for stale in (args.out / "bond_scans").glob("scan*"):  # this --out's earlier scans
+                stale.unlink()
+            if args.scan_failed:
+                _scan_failing_bonds(args, result, reference[0], device)
             (args.out / UNFINISHED_FILE).unlink(missing_ok=True)
     finally:
         if ranks is not None:

@@ -138,6 +138,12 @@ def markdown_lines(result, plots: bool) -> list[str]:
             f"| {row['model']} | {row['temperature_K']:g} | {row['replica']} | {row['stability_ps']:.3f} | "
             f"{row.get('cause') or row['failure']} | {row.get('cause_detail') or ''} |"
         )
+    if {row.get("cause") for row in failed} & {"bond-stretch", "fragmentation"}:
+        lines += [
+            "",
+            "Bonds broke: bond-stretch scans of those bond types (`ggnd stability ... --scan-failed`, or `ggnd scan`) "
+            "show how much energy each model asks to break them.",
+        ]
     if plots:
         lines += [""]
         for cause, row in first_of_each_cause(result).items():
