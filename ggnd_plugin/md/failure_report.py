@@ -13,7 +13,6 @@ time) of each cause: the failing frame, the offending atoms ringed, their path t
 from __future__ import annotations
 
 import textwrap
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -318,8 +317,5 @@ def _stretched(cause: dict[str, Any]) -> list[tuple[int, int, bool]]:
 
 def json_record(result) -> dict[str, Any]:
     """``results.json`` keys on failures: the table of causes and each failure's full cause."""
-    causes = defaultdict(dict)
-    for key, entry in result.failures.items():
-        if "cause" in entry:
-            causes[key] = entry["cause"]
-    return {"failure_causes": cause_counts(result), "failures": dict(causes)}
+    causes = {key: entry["cause"] for key, entry in result.failures.items() if "cause" in entry}
+    return {"failure_causes": cause_counts(result), "failures": causes}

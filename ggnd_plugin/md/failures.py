@@ -127,10 +127,44 @@ def _bond_rate(frames: dict[str, Any], frame: int, i: int, j: int) -> float:
     return float((velocities[j] - velocities[i]) @ axis)
 
 
-def _geometry(frames: dict[str, Any], frame: int, context: FailureContext) -> dict[str, Any] | None:
-    """The geometric cause a frame shows (close contact, fragmentation, bond stretch), or None."""
+def _fragmentation(frames, frame, pairs, lengths, bond_lengths, broken, symbols) -> dict[str, Any] | None:
+    """The pieces the bond graph falls into without its ``broken`` bonds, when it falls apart: every
+    piece but the largest (ties: the one holding the lowest atom stays), each with the bonds it lost."""
     from ase.formula import Formula
 
+    labels = _components(len(symbols), pairs[~broken])
+    pieces = np.unique(labels)
+    extra = len(pieces) - len(np.unique(_components(len(symbols), pairs)))
+    if extra <= 0:
+        return None
+    members = {label: np.flatnonzero(labels == label) for label in pieces}
+    order = sorted(pieces, key=lambda label: (len(members[label]), -members[label][0]))
+    parts, atoms = [], []
+    for label in order[:-1]:  # the last is the largest: what stays
+        piece = members[label]
+        cut = [k for k in np.flatnonzero(broken) if (labels[pairs[k]] == label).sum() == 1]
+        bonds = "; ".join(
+            f"{symbols[pairs[k, 0]]}{pairs[k, 0]}-{symbols[pairs[k, 1]]}{pairs[k, 1]} at "
+            f"{bond_lengths[k]:.2f} Å, reference {lengths[k]:.2f} Å, lengthening at "
+            f"{_bond_rate(frames, frame, *pairs[k]):+.3f} Å/fs"
+            for k in cut
+        )
+        formula = Formula.from_list([symbols[a] for a in piece]).format("hill")
+        parts.append(f"{formula} ({_name(symbols, piece)}) left: {bonds}")
+        atoms += piece.tolist()
+    return {
+        "cause": "fragmentation",
+        "atoms": atoms,
+        "detail": "; ".join(parts),
+        "values": {
+            "fragments": extra,
+            "broken_bonds": [[int(a) for a in pairs[k]] for k in np.flatnonzero(broken)],
+        },
+    }
+
+
+def _geometry(frames: dict[str, Any], frame: int, context: FailureContext) -> dict[str, Any] | None:
+    """The geometric cause a frame shows (close contact, fragmentation, bond stretch), or None."""
     symbols = _symbols(frames["numbers"])
     contact = close_contact(frames, frame)
     if contact is not None:
@@ -150,36 +184,9 @@ def _geometry(frames: dict[str, Any], frame: int, context: FailureContext) -> di
     deviation = bond_lengths - lengths
     broken = deviation > context.threshold
     if broken.any():
-        labels = _components(len(symbols), pairs[~broken])
-        reference_pieces = len(np.unique(_components(len(symbols), pairs)))
-        pieces = np.unique(labels)
-        if len(pieces) > reference_pieces:
-            sizes = {label: int((labels == label).sum()) for label in pieces}
-            largest = max(pieces, key=lambda label: (sizes[label], -np.flatnonzero(labels == label)[0]))
-            parts, atoms = [], []
-            for label in sorted(pieces, key=lambda label: (sizes[label], np.flatnonzero(labels == label)[0])):
-                if label == largest:
-                    continue
-                piece = np.flatnonzero(labels == label)
-                cut = [k for k in np.flatnonzero(broken) if (labels[pairs[k]] == label).sum() == 1]
-                bonds = "; ".join(
-                    f"{symbols[pairs[k, 0]]}{pairs[k, 0]}-{symbols[pairs[k, 1]]}{pairs[k, 1]} at "
-                    f"{bond_lengths[k]:.2f} Å, reference {lengths[k]:.2f} Å, lengthening at "
-                    f"{_bond_rate(frames, frame, *pairs[k]):+.3f} Å/fs"
-                    for k in cut
-                )
-                formula = Formula.from_list([symbols[a] for a in piece]).format("hill")
-                parts.append(f"{formula} ({_name(symbols, piece)}) left: {bonds}")
-                atoms += piece.tolist()
-            return {
-                "cause": "fragmentation",
-                "atoms": atoms,
-                "detail": "; ".join(parts),
-                "values": {
-                    "fragments": len(pieces) - reference_pieces,
-                    "broken_bonds": [[int(a) for a in pairs[k]] for k in np.flatnonzero(broken)],
-                },
-            }
+        split = _fragmentation(frames, frame, pairs, lengths, bond_lengths, broken, symbols)
+        if split is not None:
+            return split
     worst = int(np.argmax(np.abs(deviation)))
     if abs(deviation[worst]) <= context.threshold:
         return None
