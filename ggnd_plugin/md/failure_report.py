@@ -256,19 +256,21 @@ def plot_failure(frames: dict[str, Any], cause: dict[str, Any], row: dict[str, A
     axis.scatter(
         xy[:, 0], xy[:, 1], s=sizes, c=jmol_colors[numbers], edgecolors="k", linewidths=0.6, zorder=3
     )
-    for k, atom in enumerate(cause.get("atoms", [])):
-        path_xy = (frames["positions"][finite][:, atom] - origin) @ axes
-        axis.plot(path_xy[:, 0], path_xy[:, 1], ":", color="crimson", lw=1, zorder=2)
-        axis.scatter(path_xy[:-1, 0], path_xy[:-1, 1], s=8, color="crimson", zorder=2)
+    named = _named_atoms(cause)
+    for atom in cause.get("atoms", []):  # every offending atom ringed (a whole fragment, say)
         axis.scatter(
             [xy[atom, 0]],
             [xy[atom, 1]],
             s=sizes[atom] * 2.2,
             facecolors="none",
             edgecolors="crimson",
-            lw=2,
+            lw=2 if atom in named else 1,
             zorder=4,
         )
+    for k, atom in enumerate(named):  # the few that tell the story: labelled, with their path
+        path_xy = (frames["positions"][finite][:, atom] - origin) @ axes
+        axis.plot(path_xy[:, 0], path_xy[:, 1], ":", color="crimson", lw=1, zorder=2)
+        axis.scatter(path_xy[:-1, 0], path_xy[:-1, 1], s=8, color="crimson", zorder=2)
         axis.annotate(
             f"{chemical_symbols[numbers[atom]]}{atom}",
             xy[atom],
@@ -291,6 +293,15 @@ def plot_failure(frames: dict[str, Any], cause: dict[str, Any], row: dict[str, A
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _named_atoms(cause: dict[str, Any]) -> list[int]:
+    """The atoms a plot labels: a cause's atoms when few, else those of its broken bonds."""
+    atoms = list(cause.get("atoms", []))
+    if len(atoms) <= 4:
+        return atoms
+    bonds = cause.get("values", {}).get("broken_bonds", [])
+    return sorted({a for bond in bonds for a in bond})[:6]
 
 
 def _guide_bonds(frames: dict[str, Any]) -> list[tuple[int, int]]:
