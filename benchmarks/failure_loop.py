@@ -13,13 +13,16 @@ from one method. The loop is that of docs/stability.md ("The loop"):
    same frames with the same velocities); every failure leaves its frames and a cause.
 5. labels: each arm's failure frames labelled with GFN2-xTB (``ggnd_plugin.labelling``).
 6. round 1, from each round-0 arm, ``LOOP_EPOCHS`` more epochs: on the training split plus the arm's own
-   labelled failures (``+loop``), and, as the control for the extra training, on the training split
-   alone (``+more``).
-7. stability of the four round-1 models under the same protocol and seed (paired with round 0).
+   labelled failures (``+loop``); two controls: the training split alone (``+more``: the extra epochs),
+   and the training split plus as many ordinary 1200 K frames (``+hot``: a new GFN2-xTB MD trajectory at
+   1200 K, ``ggnd data generate`` with seed 1), since failure frames are also simply hot frames.
+7. stability of the six round-1 models under the same protocol and seed (paired with round 0), and
+   again with MD seed 1: on seed 0 they re-run the very trajectories whose failures the looped models
+   were trained on, so seed 1 is the test on replicas the loop has not seen.
 8. report: ``benchmarks/results/failure_loop.json`` and tables: failures and their causes per model,
-   the survival statistics the package has (Kaplan-Meier, RMST, Fisher, log-rank) against ``mace`` in
-   round 0 and against ``mace+more`` in round 1, energy and force errors on the 300 K test and 1200 K
-   sets.
+   the survival statistics the package has (Kaplan-Meier, RMST, Fisher, log-rank) within each run,
+   per arm and seed ``+loop`` against ``+more`` and ``+hot`` and ``+hot`` against ``+more``, the bond
+   types that broke, energy and force errors on the 300 K test and 1200 K sets.
 
 Every stage is cached in ``--work``; the same command continues a stopped run (fits restart, fine-tuning,
 stability and labelling resume). ``--smoke`` runs the whole pipeline at toy size into its own folder
@@ -49,8 +52,11 @@ TUNE_EPOCHS = 5
 LOOP_EPOCHS = 5
 VALID_FRAMES = 25
 SEED = 0
+NEW_SEED = 1  # round 1 again on replicas the loop has not seen
 ROUND0 = ("mace", "mace+ggnd")
 ROUND1 = ("mace+more", "mace+loop", "mace+ggnd+more", "mace+ggnd+loop")
+HOT = ("mace+hot", "mace+ggnd+hot")
+SMILES = "Nc1ncccc1OCc1ccccc1"  # 3BPA, as the shipped data was made (generation.json)
 
 
 def _say(message: str) -> None:
@@ -87,6 +93,8 @@ def sizes(smoke: bool) -> dict[str, Any]:
             "tune_epochs": 1,
             "loop_epochs": 1,
             "train": 40,
+            "hot_frames": 40,
+            "equilibration_ps": 0.1,
         }
     return {
         "replicas": REPLICAS,
@@ -95,6 +103,8 @@ def sizes(smoke: bool) -> dict[str, Any]:
         "tune_epochs": TUNE_EPOCHS,
         "loop_epochs": LOOP_EPOCHS,
         "train": None,
+        "hot_frames": 200,
+        "equilibration_ps": 1.0,
     }
 
 
@@ -180,8 +190,10 @@ def tune(
     return target
 
 
-def stability(work: Path, round_name: str, models: dict[str, Path], data, size, adapter) -> dict[str, Any]:
-    """One stability run of ``models`` (resumes); its result rows, causes and statistics."""
+def stability(
+    work: Path, round_name: str, models: dict[str, Path], data, size, adapter, seed: int = SEED
+) -> dict[str, Any]:
+    """One stability run of ``models`` with MD seed ``seed`` (resumes); its rows, causes and statistics."""
     import torch
 
     from ggnd_plugin.data import read_structures
@@ -195,7 +207,7 @@ def stability(work: Path, round_name: str, models: dict[str, Path], data, size, 
     out = work / "stability" / round_name
     _say(f"stability {round_name}: {', '.join(models)} at {TEMPERATURE:g} K, {size['replicas']} replicas")
     protocol = StabilityProtocol(
-        temperatures=(TEMPERATURE,), replicas=size["replicas"], time_ps=size["time_ps"], seed=SEED
+        temperatures=(TEMPERATURE,), replicas=size["replicas"], time_ps=size["time_ps"], seed=seed
     )
     loaded = {
         name: adapter.torchsim_model(adapter.load(path), "cpu", torch.float64)
@@ -220,6 +232,7 @@ def stability(work: Path, round_name: str, models: dict[str, Path], data, size, 
             "rows": result.rows,
             "causes": cause_counts(result),
             "statistics": statistics(result, baseline),
+            "seed": seed,
             "seconds": seconds,
             "replica_steps": result.execution["replica_steps"],
             "out": str(out),
@@ -262,12 +275,53 @@ def with_failures(work: Path, name: str, train: Path, labels: Path | None) -> Pa
     return target
 
 
+def hot_frames(work: Path, size: dict[str, Any]) -> Path:
+    """A new GFN2-xTB MD trajectory of 3BPA at 1200 K (seed 1), made as the shipped one (resumes)."""
+    from ase.io import read
+
+    from ggnd_plugin.reference import GenerationSettings, generate
+
+    settings = GenerationSettings(
+        smiles=SMILES,
+        temperatures_K=(TEMPERATURE,),
+        frames=(size["hot_frames"],),
+        name="hot",
+        seed=1,
+        spacing_fs=50.0,
+        timestep_fs=1.0,
+        equilibration_ps=size["equilibration_ps"],
+    )
+    folder = work / "hot"
+    if not (folder / "generation.json").exists():
+        _say(f"generating {size['hot_frames']} GFN2-xTB frames at 1200 K (seed 1) for the +hot control")
+        generate(settings, folder, resume=(folder / ".checkpoint").exists(), show_progress=False)
+    path = folder / f"hot_{TEMPERATURE:g}K.xyz"
+    shipped = read(DATA / "3bpa_1200K.xyz", index="0").numbers.tolist()
+    if read(path, index="0").numbers.tolist() != shipped:
+        raise SystemExit(f"{path}: atoms not in the shipped data's order (another RDKit?)")
+    return path
+
+
+def with_extra(work: Path, name: str, train: Path, extra: Path, count: int) -> Path:
+    """The training split plus the first ``count`` frames of ``extra``."""
+    from ase.io import read, write
+
+    from ggnd_plugin.safe_io import atomic_path
+
+    target = work / "data" / f"train+{name}.xyz"
+    if not target.exists():
+        frames = read(extra, index=f":{count}")
+        with atomic_path(target) as tmp:
+            write(tmp, [*read(train, index=":"), *frames], format="extxyz")
+    return target
+
+
 def errors(work: Path, models: dict[str, Path], data, adapter) -> dict[str, Any]:
     from ggnd_plugin.data import read_labelled
     from ggnd_plugin.training import evaluate
 
     stage = Stage(work, "errors")
-    if stage.done():
+    if stage.done() and set(stage.read()) == set(models):
         return stage.read()
     _say("energy and force errors on the 300 K test and 1200 K sets")
     sets = {name: read_labelled(data[name]) for name in ("test_300K", "test_1200K")}
@@ -279,31 +333,85 @@ def errors(work: Path, models: dict[str, Path], data, adapter) -> dict[str, Any]
     return stage.write(table)
 
 
+def comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per arm, on the replicas of one MD seed: loop against more, loop against hot, hot against more."""
+    from ggnd_plugin.md.survival import run_statistics
+
+    rows = [row for run in runs for row in run["rows"]]
+    horizon = runs[0]["statistics"]["horizon_ps"]
+    result = {}
+    for arm in ROUND0:
+        for treatment, control in (("loop", "more"), ("loop", "hot"), ("hot", "more")):
+            names = (f"{arm}+{treatment}", f"{arm}+{control}")
+            chosen = [row for row in rows if row["model"] in names]
+            stats = run_statistics(chosen, horizon, names[1])
+            result[f"{names[0]} vs {names[1]}"] = stats["comparisons"][0]
+    return result
+
+
+def broken_bonds(run: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per model, the failures by the element pairs of the bonds that broke (fragmentation, bond stretch)."""
+    from ase.data import chemical_symbols
+
+    record = json.loads((Path(run["out"]) / "results.json").read_text())
+    numbers = None
+    counts: dict[str, dict[str, int]] = {}
+    for key, cause in record["failures"].items():
+        model = key.split("/")[0]
+        if numbers is None:
+            from ase.io import read
+
+            numbers = read(
+                Path(run["out"])
+                / "failures"
+                / model
+                / key.split("/")[1]
+                / f"replica_{key.split('/')[2]}.extxyz"
+            ).numbers
+        pairs = cause["values"].get("broken_bonds") or (
+            [cause["atoms"]] if cause["cause"] == "bond-stretch" else []
+        )
+        names = sorted({"-".join(sorted(chemical_symbols[numbers[a]] for a in pair)) for pair in pairs}) or [
+            cause["cause"]
+        ]
+        label = "+".join(names)
+        counts.setdefault(model, {})
+        counts[model][label] = counts[model].get(label, 0) + 1
+    return counts
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3f}" if value >= 0.001 else f"{value:.1e}"
+
+
 def summary_tables(report: dict[str, Any]) -> str:
     from ggnd_plugin.md.failures import CAUSES
 
     lines = [
-        "| model | failed | " + " | ".join(CAUSES) + " | RMST ps (95 % CI) | vs | Fisher p | log-rank p | "
-        "F MAE 300 K | F MAE 1200 K |",
-        "|---|---:|" + "---:|" * len(CAUSES) + "---:|---|---:|---:|---:|---:|",
+        "| run | MD seed | model | failed | " + " | ".join(CAUSES) + " | RMST ps (95 % CI) | vs | Fisher p | "
+        "log-rank p | F MAE 300 K | F MAE 1200 K |",
+        "|---|---:|---|---:|" + "---:|" * len(CAUSES) + "---:|---|---:|---:|---:|---:|",
     ]
-    for round_name in ("round0", "round1"):
+    for round_name in ("round0", "round1", "round1_seed1", "round1_hot", "round1_hot_seed1"):
         run = report[round_name]
+        where = f"{round_name.removesuffix('_seed1')} | {run['seed']}"
         groups = {g["model"]: g for g in run["statistics"]["groups"]}
         comparisons = {c["model"]: c for c in run["statistics"]["comparisons"]}
         for counts in run["causes"]:
             model = counts["model"]
             rmst = groups[model]["rmst"]
             against = comparisons.get(model)
-            fisher = "—" if against is None else f"{against['fisher']['p_value']:.3f}"
-            logrank = against and against["logrank"]["p_value"]
+            fisher = "—" if against is None else _p(against["fisher"]["p_value"])
+            logrank = "—" if against is None else _p(against["logrank"]["p_value"])
             errors = report["errors"][model]
             lines.append(
-                f"| {model} | {counts['failed']}/{counts['replicas']} | "
+                f"| {where} | {model} | {counts['failed']}/{counts['replicas']} | "
                 + " | ".join(str(counts[c]) for c in CAUSES)
                 + f" | {rmst['rmst_ps']:.3f} ({rmst['low']:.3f} to {rmst['high']:.3f}) | "
                 f"{run['statistics']['baseline'] if against else '—'} | {fisher} | "
-                f"{'—' if logrank is None else f'{logrank:.3f}'} | "
+                f"{logrank} | "
                 f"{errors['test_300K']['forces_mae']:.3f} | {errors['test_1200K']['forces_mae']:.3f} |"
             )
     return "\n".join(lines)
@@ -358,7 +466,27 @@ def main(argv: list[str] | None = None) -> int:
                     adapter,
                 )
         run1 = stability(work, "round1", round1, data, size, adapter)
-        table = errors(work, {**round0, **round1}, data, adapter)
+        # the same models on new replicas: round 1 on seed 0 re-runs the very trajectories whose failures
+        # the looped models were trained on
+        fresh = stability(work, "round1-seed1", round1, data, size, adapter, seed=NEW_SEED)
+        hot = hot_frames(work, size)
+        hot_models = {}
+        for name in ROUND0:
+            count = Stage(work, f"labels-{name}").read()["frames"]
+            train = with_extra(work, f"{name}_hot", data["train"], hot, count)
+            hot_models[f"{name}+hot"] = tune(
+                work,
+                f"{name}+hot",
+                round0[name],
+                train,
+                data["valid"],
+                size["loop_epochs"],
+                "ggnd" in name,
+                adapter,
+            )
+        run_hot = stability(work, "round1-hot", hot_models, data, size, adapter)
+        fresh_hot = stability(work, "round1-hot-seed1", hot_models, data, size, adapter, seed=NEW_SEED)
+        table = errors(work, {**round0, **round1, **hot_models}, data, adapter)
     labels = {
         name: Stage(work, f"labels-{name}").read() for name in ROUND0 if Stage(work, f"labels-{name}").done()
     }
@@ -377,14 +505,46 @@ def main(argv: list[str] | None = None) -> int:
             "labels": "GFN2-xTB (tblite), the method of the training data",
         },
         "fit": Stage(work, "fit").read(),
-        "tuning": {name: Stage(work, f"tune-{name}").read() for name in (*ROUND0, *ROUND1)},
+        "tuning": {name: Stage(work, f"tune-{name}").read() for name in (*ROUND0, *ROUND1, *HOT)},
+        "hot_frames": str(hot),
         "labels": labels,
         "round0": run0,
         "round1": run1,
+        "round1_seed1": fresh,
+        "round1_hot": run_hot,
+        "round1_hot_seed1": fresh_hot,
         "errors": table,
-        "seconds": time.perf_counter() - started,
+        "comparisons": {"seed0": comparisons([run1, run_hot]), "seed1": comparisons([fresh, fresh_hot])},
+        "broken_bonds": {
+            name: broken_bonds(run)
+            for name, run in (
+                ("round0", run0),
+                ("round1", run1),
+                ("round1_seed1", fresh),
+                ("round1_hot", run_hot),
+                ("round1_hot_seed1", fresh_hot),
+            )
+        },
+        "this_call_seconds": time.perf_counter() - started,
     }
+    report["stage_seconds"] = (
+        report["fit"]["seconds"]
+        + sum(t["seconds"] for t in report["tuning"].values())
+        + run0["seconds"]
+        + sum(run["seconds"] for run in (run1, fresh, run_hot, fresh_hot))
+    )
     tables = summary_tables(report)
+    for seed, entries in report["comparisons"].items():
+        for what, entry in entries.items():
+            tables += (
+                f"\n{seed}: {what}: failed {entry['failed']}/{entry['replicas']} against "
+                f"{entry['baseline_failed']}/{entry['baseline_replicas']}, Fisher p "
+                f"{entry['fisher']['p_value']:.3g}, log-rank p {entry['logrank']['p_value']:.3g}, ΔRMST "
+                f"{entry['rmst_difference']['difference_ps']:+.3f} ps"
+            )
+    for round_name, models in report["broken_bonds"].items():
+        for model, counts in models.items():
+            tables += f"\n{round_name} {model}: " + ", ".join(f"{n} {c}" for n, c in sorted(counts.items()))
     report["table_markdown"] = tables
     atomic_write_text(results, json.dumps(report, indent=1) + "\n")
     print(tables)
