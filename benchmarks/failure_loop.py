@@ -333,6 +333,31 @@ def errors(work: Path, models: dict[str, Path], data, adapter) -> dict[str, Any]
     return stage.write(table)
 
 
+def code_commit() -> str:
+    """The commit of the code that made the results, with ``+dirty`` when the work tree differs from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(("git", *args), cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def without_machine_paths(value: Any, work: Path) -> Any:
+    """Paths in the report relative to the repository (or to the work folder, as ``WORK/...``)."""
+    prefixes = ((str(ROOT) + os.sep, ""), (str(work.resolve()) + os.sep, "WORK/"))
+    if isinstance(value, dict):
+        return {key: without_machine_paths(item, work) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_machine_paths(item, work) for item in value]
+    if isinstance(value, str):
+        for prefix, replacement in sorted(prefixes, key=lambda p: len(p[0])):
+            if prefix in value:
+                value = value.replace(prefix, replacement)
+    return value
+
+
 def comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per arm, on the replicas of one MD seed: loop against more, loop against hot, hot against more."""
     from ggnd_plugin.md.survival import run_statistics
@@ -526,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         },
         "this_call_seconds": time.perf_counter() - started,
+        "code_commit": code_commit(),
     }
     report["stage_seconds"] = (
         report["fit"]["seconds"]
@@ -546,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         for model, counts in models.items():
             tables += f"\n{round_name} {model}: " + ", ".join(f"{n} {c}" for n, c in sorted(counts.items()))
     report["table_markdown"] = tables
+    report = without_machine_paths(report, work)
     atomic_write_text(results, json.dumps(report, indent=1) + "\n")
     print(tables)
     print(f"-> {results}")
