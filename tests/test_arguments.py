@@ -81,6 +81,9 @@ def paths(tmp_path, monkeypatch):
         "new": tmp_path / "new.out",
         "new_dir": tmp_path / "new_dir",
         "results": tmp_path / "results.json",
+        "uranium_plus": tmp_path / "fermium.xyz",
+        "odd": tmp_path / "odd.xyz",
+        "charged": tmp_path / "charged.xyz",
     }
     write(files["data"], frames)
     bare = [a.copy() for a in frames]
@@ -104,6 +107,13 @@ def paths(tmp_path, monkeypatch):
         for model in ("t", "c") for k in range(2)
     ]  # fmt: skip
     files["results"].write_text(json.dumps({"protocol": {"time_ps": 1.0}, "replicas": replicas}))
+    from ase import Atoms
+
+    write(files["uranium_plus"], Atoms("FmH", positions=[[0, 0, 0], [0, 0, 2.0]]))
+    write(files["odd"], [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]), Atoms("H", positions=[[0, 0, 0]])])
+    half = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], info={"charge": 0.5})
+    write(files["charged"], half)
+
     return {name: str(path) for name, path in files.items()}
 
 
@@ -130,6 +140,7 @@ def _valid(command: str, p: dict[str, str]) -> dict[str, list[str]]:
             "--out": [p["new_dir"]],
         },
         "data reorder": {"input": [p["data"]], "--like": [p["data"]], "--output": [p["new"]]},
+        "data label": {"frames": [p["data"]], "--output": [p["new"]]},
         "data list": {},
         "demo": {"--out": [p["new_dir"]]},
         "config": {"host": ["mace"]},
@@ -271,6 +282,9 @@ ROWS = [
     ("stability", "--max-batch-atoms", "64", R, "give --autobatch too"),
     ("stability", "--baseline", "", A, "must not be empty"),
     ("stability", "--baseline", "nope", R, "--baseline nope: not one of the models of this run (tiny)"),
+    ("stability", "--failure-frames", "-1", A, "must be an integer >= 0, got -1"),
+    ("stability", "--failure-frames", "2.5", A, "got '2.5'"),
+    ("stability", "--failure-frame-every", "0", A, "must be a positive integer, got 0"),
     # scan
     ("scan", "models", "missing.model", A, "no such file"),
     ("scan", "models", "{data}", A, "not a model file"),
@@ -315,6 +329,18 @@ ROWS = [
     ("data reorder", "--output", "{folder}", A, "is a folder; give a file name"),
     ("data reorder", "--output", "{data}", R, "is the INPUT input"),
     ("data reorder", "--output", "{existing}", R, "already exists; pass --overwrite"),
+    # data label
+    ("data label", "frames", "missing.xyz", A, "missing.xyz: no such file"),
+    ("data label", "frames", "{model}", A, "not a structure file"),
+    ("data label", "frames", "{empty}", A, "holds no structures"),
+    ("data label", "frames", "{uranium_plus}", R, "frame 0: element(s) Fm (Z=100) beyond xTB's elements"),
+    ("data label", "frames", "{odd}", R, "frame 1: 1 electrons with charge 0 cannot have 0 unpaired"),
+    ("data label", "frames", "{charged}", R, "frame 0: info['charge'] must be a whole number, got 0.5"),
+    ("data label", "--output", "{folder}", A, "is a folder; give a file name"),
+    ("data label", "--output", "{data}", R, "is the FRAMES input"),
+    ("data label", "--output", "{existing}", R, "already exists; pass --overwrite"),
+    ("data label", "--method", "dft", A, "invalid choice: 'dft'"),
+    ("data label", "--electronic-temperature", "-300", A, "must be a number >= 0"),
     # demo
     ("demo", "--out", "{existing}", A, "is a file, not a folder"),
     ("demo", "--out", "{foreign}", R, "is not empty (thesis.tex)"),

@@ -98,6 +98,11 @@ def _assert_same_results(a: Path, b: Path) -> None:
         assert x.files == y.files
         for key in x.files:
             assert np.array_equal(x[key], y[key], equal_nan=True), key
+    # the failed replicas' frames, whichever rank ran them
+    frames = sorted(p.relative_to(a) for p in (a / "failures").rglob("*.extxyz"))
+    assert frames and frames == sorted(p.relative_to(b) for p in (b / "failures").rglob("*.extxyz"))
+    for name in frames:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def test_two_ranks_write_what_one_process_writes(model_file, single, tmp_path):

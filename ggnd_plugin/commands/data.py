@@ -9,9 +9,10 @@ from ggnd_plugin.errors import GGNDError
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "data",
-        help="make xTB reference data from a SMILES; list the data shipped with ggnd-plugin",
+        help="make xTB reference data from a SMILES or label structures with xTB; list the shipped data",
         description="Reference data: `generate` runs GFN2-xTB Langevin MD of a molecule and writes labelled "
-        "extxyz files; `list` shows the datasets shipped inside the package.",
+        "extxyz files; `label` computes GFN2-xTB energies and forces for any structures (e.g. the failure "
+        "frames of `ggnd stability`); `list` shows the datasets shipped inside the package.",
     )
     data_commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     parser.set_defaults(handler=lambda args: parser.print_help() or 1)
@@ -116,6 +117,35 @@ def register(subparsers) -> None:
     generate.set_defaults(handler=run_generate)
     v.one_line_errors(generate)
 
+    label = data_commands.add_parser(
+        "label",
+        help="GFN2-xTB energies and forces for any structures (e.g. failure frames), as labelled extxyz",
+        description="Compute xTB energies and forces (tblite; the method and settings of the package's own "
+        "data) for every frame of FRAMES, in order, and write them to -o as extxyz (info['energy'] in eV, "
+        "arrays['forces'] in eV/Å; the frames' other info and arrays are kept). A frame's charge is "
+        "info['charge'] (default 0), its unpaired electrons info['unpaired_electrons'] (default 0). Stop at "
+        "any time and continue with --resume. Needs the xtb extra: pip install 'ggnd-plugin[xtb]'.",
+    )
+    label.add_argument("frames", nargs="+", type=v.STRUCTURE_FILE, metavar="FRAMES", help="structure files")
+    label.add_argument("-o", "--output", type=v.OUTPUT_FILE, required=True, help="extxyz to write")
+    label.add_argument(
+        "--method",
+        choices=("gfn2-xtb", "gfn1-xtb", "ipea1-xtb"),
+        default="gfn2-xtb",
+        help="tblite Hamiltonian; default gfn2-xtb (that of the shipped data)",
+    )
+    label.add_argument(
+        "--electronic-temperature",
+        type=v.NON_NEGATIVE_FLOAT,
+        default=300.0,
+        help="xTB Fermi smearing (K); default 300 (that of the shipped data)",
+    )
+    label.add_argument("--resume", action="store_true", help="continue the labelling stopped in -o")
+    label.add_argument("--no-progress", action="store_true", help="no progress bar")
+    label.add_argument("--overwrite", action="store_true", help="replace -o (or its unfinished run)")
+    label.set_defaults(handler=run_label)
+    v.one_line_errors(label)
+
     reorder = data_commands.add_parser(
         "reorder",
         help="rewrite structures of a molecule in another file's atom order (e.g. start frames for MD)",
@@ -175,6 +205,26 @@ def run_generate(args) -> int:
             f"(std {stats['energy_std_eV']:.3f}), force RMS {stats['force_rms_eV_per_A']:.3f} eV/Å"
         )
     print(f"{args.out / 'README.md'}: how the data was made")
+    return 0
+
+
+def run_label(args) -> int:
+    from ggnd_plugin.labelling import LabelSettings, label_files
+    from ggnd_plugin.xtb import METHODS
+
+    settings = LabelSettings(METHODS[args.method], args.electronic_temperature)
+    result = label_files(
+        args.frames,
+        args.output,
+        settings,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{result.out}: {result.frames} frames labelled with {settings.method} "
+        f"({result.labelled_now} now, {result.frames - result.labelled_now} before the resume)"
+    )
     return 0
 
 

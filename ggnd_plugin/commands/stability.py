@@ -94,6 +94,27 @@ def register(subparsers) -> None:
         "--record-every", type=v.POSITIVE_INT, default=10, metavar="STEPS", help="time-series window (steps)"
     )
     parser.add_argument("--checkpoint-every", type=v.POSITIVE_INT, default=500, metavar="STEPS")
+    parser.add_argument(
+        "--failure-frames",
+        type=v.NON_NEGATIVE_INT,
+        default=10,
+        metavar="K",
+        help="frames each failed replica leaves in OUT/failures before its failing step (0: that step only); "
+        "default 10",
+    )
+    parser.add_argument(
+        "--failure-frame-every",
+        type=v.POSITIVE_INT,
+        default=10,
+        metavar="STEPS",
+        help="MD steps between those frames; default 10",
+    )
+    parser.add_argument(
+        "--scan-failed",
+        action="store_true",
+        help="after the run, bond-stretch scans of every model for the bond types that broke (OUT/bond_scans, "
+        "a table in summary.md; `ggnd scan`). With --resume it adds them to a finished run",
+    )
     parser.add_argument("--out", type=v.OUTPUT_DIR, required=True, help="output directory")
     parser.add_argument("--resume", action="store_true", help="continue the run stopped in --out")
     parser.add_argument("--host", default="auto", type=v.HOST, help=HOST_HELP)
@@ -152,6 +173,7 @@ def check_out(args) -> None:
     check_output_dir(out, what="--out", is_own=own or args.resume, overwrite=args.overwrite, inputs=inputs)
     for name in (*OUTPUT_FILES, *(f"checkpoints/{n}.pt" for n in _names(args.models))):
         refuse_input_as_output(out / name, inputs, "--out")
+    _refuse_inputs_inside(out / "failures", inputs)
     if args.resume and args.overwrite:
         raise GGNDError("--resume continues a run and --overwrite starts it again: give one of them")
     if args.resume and not own and foreign_entries(out, ()):
@@ -163,6 +185,15 @@ def check_out(args) -> None:
             f"--out {out} holds checkpoints of an earlier run: pass --resume to continue it, --overwrite "
             "to start again, or choose another --out"
         )
+
+
+def _refuse_inputs_inside(folder: Path, inputs) -> None:
+    """The run rewrites OUT/failures (and removes its stale files): no input may live there."""
+    for what, path in inputs:
+        if folder.resolve() in Path(path).resolve().parents:
+            raise GGNDError(
+                f"{what} {path} is inside {folder}, which this run rewrites; copy it elsewhere first"
+            )
 
 
 def _names(paths: list[Path]) -> list[str]:
@@ -237,13 +268,40 @@ def _report_unfinished(error, out: Path) -> None:
 UNFINISHED_FILE = "unfinished.json"
 
 
+def _scan_failing_bonds(args, result, structure, device) -> None:
+    """Bond scans of the bond types that broke, appended to summary.md (molecules only)."""
+    from ggnd_plugin.md.failure_scans import failing_bond_types, scan_failing_bonds
+    from ggnd_plugin.registry import resolve
+    from ggnd_plugin.safe_io import atomic_write_text
+
+    types = failing_bond_types(result)
+    if not types or structure.pbc.any():
+        return
+    host_models = {}
+    for name, path in zip(_names(args.models), args.models, strict=True):
+        adapter = resolve(args.host, path)
+        host_models[name] = (adapter, adapter.load(path, device=str(device)))
+    lines = scan_failing_bonds(
+        host_models, structure, types, args.out, plots=not args.no_plots, progress=not args.no_progress
+    )
+    if lines:
+        summary = args.out / "summary.md"
+        atomic_write_text(summary, summary.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+
+
 def run(args) -> int:
     import torch
 
     from ggnd_plugin import distributed
     from ggnd_plugin.data import read_structures
     from ggnd_plugin.md.report import print_summary, write_results
-    from ggnd_plugin.md.stability import Batching, StabilityProtocol, UnfinishedReplicas, run_stability
+    from ggnd_plugin.md.stability import (
+        Batching,
+        FailureFrames,
+        StabilityProtocol,
+        UnfinishedReplicas,
+        run_stability,
+    )
     from ggnd_plugin.safe_io import output_lock
 
     temperatures = tuple(args.temperature)
@@ -271,6 +329,7 @@ def run(args) -> int:
         rdf_bins=args.rdf_bins,
     )
     protocol.validate()
+    failure_frames = FailureFrames(args.failure_frames, args.failure_frame_every)
     if args.max_batch_atoms is not None and not args.autobatch:
         raise GGNDError("--max-batch-atoms sizes the batches of --autobatch: give --autobatch too")
     names = _names(args.models)
@@ -332,6 +391,7 @@ def run(args) -> int:
                     overwrite=args.overwrite,
                     batching=batching,
                     ranks=ranks,
+                    failure_frames=failure_frames,
                 )
             except UnfinishedReplicas as error:
                 _report_unfinished(error, args.out)
@@ -342,11 +402,19 @@ def run(args) -> int:
             if report and not _accepts_baseline(write_results):
                 report = {}  # the installed report functions predate --baseline
             paths = write_results(result, args.out, plots=not args.no_plots, **report)
+            for stale in (args.out / "bond_scans").glob("scan*"):  # this --out's earlier scans
+                stale.unlink()
+            if args.scan_failed:
+                _scan_failing_bonds(args, result, reference[0], device)
             (args.out / UNFINISHED_FILE).unlink(missing_ok=True)
     finally:
         if ranks is not None:
             ranks.close()
     print_summary(result, **(report if _accepts_baseline(print_summary) else {}))
     ranks_note = f" ({ranks.world_size} ranks)" if ranks is not None else ""
-    print(f"results in {args.out}{ranks_note}: " + ", ".join(sorted(p.name for p in paths.values())))
+    files = sorted(name for name in paths if "/" not in name)
+    frames = [name for name in paths if name.endswith(".extxyz")]
+    if frames:
+        files.append(f"failures/ ({len(frames)} failed replicas' frames)")
+    print(f"results in {args.out}{ranks_note}: " + ", ".join(files))
     return 0

@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from ggnd_plugin.errors import GGNDError
+from ggnd_plugin.md.failure_frames import FailureFrames, check_same_settings
 from ggnd_plugin.md.protocol import ReplicaSpec, StabilityProtocol
 from ggnd_plugin.safe_io import atomic_torch_save, verified_torch_load
 
-CHECKPOINT_VERSION = 2  # 2: one entry per replica (1: one batched state per model)
+# 2: one entry per replica (1: one batched state per model). Failure frames added optional keys (the
+# payload's ``failure_frames`` settings, an entry's ``frames`` ring and ``failure_frames``): a version-2
+# checkpoint written before them still resumes, its replicas in flight keeping frames from then on.
+CHECKPOINT_VERSION = 2
 
 
 def is_done(entry: dict | None) -> bool:
@@ -51,7 +55,12 @@ def checkpoint_files(checkpoint_dir: Path, model: str) -> list[Path]:
 
 
 def read_checkpoints(
-    checkpoint_dir: Path, name: str, protocol: StabilityProtocol, plan, monitor
+    checkpoint_dir: Path,
+    name: str,
+    protocol: StabilityProtocol,
+    plan,
+    monitor,
+    failure_frames: FailureFrames | None = None,
 ) -> tuple[dict[int, dict], dict[Path, dict]]:
     """The newest entry of every replica of ``name`` over all its checkpoint files, and each file's entries."""
     merged: dict[int, dict] = {}
@@ -59,6 +68,7 @@ def read_checkpoints(
     for path in checkpoint_files(checkpoint_dir, name):
         payload = verified_torch_load(path, f"stability checkpoint of model '{name}'")
         check_checkpoint(payload, name, protocol, plan, monitor, path)
+        check_same_settings(payload.get("failure_frames"), failure_frames or FailureFrames(), str(path))
         by_file[path] = payload["entries"]
         for index, entry in payload["entries"].items():
             if entry_progress(entry) > entry_progress(merged.get(index)):
@@ -102,6 +112,7 @@ def write_checkpoint(
     finished: bool,
     owned: Sequence[int],
     entries: Mapping[int, dict[str, Any]],
+    failure_frames: FailureFrames | None = None,
 ) -> None:
     """Write (atomically) the checkpoint of the replicas ``owned`` by this process, and ``entries``."""
     payload = {
@@ -114,5 +125,6 @@ def write_checkpoint(
         "finished": finished,
         "owned": list(owned),
         "entries": entries,
+        "failure_frames": (failure_frames or FailureFrames()).to_dict(),
     }
     atomic_torch_save(payload, path)

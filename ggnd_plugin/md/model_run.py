@@ -16,6 +16,7 @@ import numpy as np
 
 from ggnd_plugin.md.batching import Batching, BatchScheduler
 from ggnd_plugin.md.checkpoints import write_checkpoint
+from ggnd_plugin.md.failure_frames import FailureFrames
 from ggnd_plugin.md.integrators import ProtocolIntegrator
 from ggnd_plugin.md.monitors import ReplicaMonitor
 from ggnd_plugin.md.protocol import ReplicaSpec, StabilityProtocol
@@ -47,6 +48,7 @@ class ModelRun:
         indices: Sequence[int] | None = None,
         carry: Mapping[int, dict] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        failure_frames: FailureFrames | None = None,
     ):
         self.name = name
         self.model = model
@@ -57,12 +59,15 @@ class ModelRun:
         self.indices = list(range(len(plan))) if indices is None else list(indices)
         self.carry = dict(carry or {})
         self.should_stop = should_stop
+        self.failure_frame_settings = failure_frames or FailureFrames()
         self.assignment: dict[int, int] = {}  # plan index -> rank, under torchrun
         self.integrator = ProtocolIntegrator(protocol, model.device, model.dtype)
         self.monitor = ReplicaMonitor(monitor, model.device, model.dtype)
         self.records = ReplicaRecords(plan, protocol)
         n_atoms = len(frames_for(plan[0]))
-        self.batch = ReplicaBatch(model, self.integrator, self.monitor, self.records, protocol, n_atoms)
+        self.batch = ReplicaBatch(
+            model, self.integrator, self.monitor, self.records, protocol, n_atoms, self.failure_frame_settings
+        )
         self.scheduler = BatchScheduler(batching or Batching(), self.batch, frames_for, self._after_step)
 
     @property
@@ -149,6 +154,7 @@ class ModelRun:
             bool(finished and all(self.records.done[i] for i in self.indices)),
             self.indices,
             entries,
+            self.failure_frame_settings,
         )
 
     # -- results ----------------------------------------------------------------------------------------
@@ -157,3 +163,7 @@ class ModelRun:
 
     def series_arrays(self) -> dict[str, dict[str, np.ndarray]]:
         return self.records.series_arrays(self.name, self.indices)
+
+    def failure_frames(self) -> dict[str, dict[str, Any]]:
+        """The last frames of each failed replica, by series key."""
+        return self.records.failure_frames(self.name, self.indices)

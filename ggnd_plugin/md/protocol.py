@@ -114,5 +114,8 @@ class StabilityResult:
     protocol: dict[str, Any]
     rows: list[dict[str, Any]]
     series: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # per failed replica (series key "MODEL/TK/REPLICA"): "frames" (its last frames, the failing step's
+    # last; ggnd_plugin.md.failure_frames) and "cause" (ggnd_plugin.md.failures.classify)
+    failures: dict[str, dict[str, Any]] = field(default_factory=dict)
     # how this process ran it (ranks, batching, seconds, replica-steps it computed); not a result
     execution: dict[str, Any] = field(default_factory=dict)

@@ -48,7 +48,8 @@ def series_key(name: str, spec: ReplicaSpec) -> str:
 
 
 class ReplicaRecords:
-    """Per plan entry: the record (failure, max deviation), time series, step reached and whether done.
+    """Per plan entry: the record (failure, max deviation), time series, step reached and whether done,
+    and a failed replica's last frames (:func:`~ggnd_plugin.md.failure_frames.replica_frames`).
 
     ``saved`` holds the checkpoint entries of restored replicas that are not back in a batch yet.
     """
@@ -60,12 +61,14 @@ class ReplicaRecords:
         self.series = [fresh_series() for _ in plan]
         self.steps = np.zeros(len(plan), dtype=np.int64)
         self.done = np.zeros(len(plan), dtype=bool)
+        self.frames: dict[int, dict[str, Any]] = {}
         self.saved: dict[int, dict] = {}
 
     def start(self, indices: Sequence[int]) -> None:
         for index in indices:
             self.records[index], self.series[index] = fresh_record(), fresh_series()
             self.steps[index], self.done[index] = 0, False
+            self.frames.pop(index, None)
         self.saved.clear()
 
     def restore(self, indices: Sequence[int], entries: Mapping[int, dict]) -> None:
@@ -80,6 +83,8 @@ class ReplicaRecords:
             self.steps[index] = entry["step"]
             if is_done(entry):
                 self.done[index] = True
+                if entry.get("failure_frames") is not None:
+                    self.frames[index] = entry["failure_frames"]
             else:
                 self.saved[index] = entry
 
@@ -91,10 +96,14 @@ class ReplicaRecords:
         series["temperature_K"].append(temperature)
         series["total_energy_eV"].append(energy)
 
-    def fail(self, index: int, failure: str, step: int, max_deviation: float) -> None:
+    def fail(
+        self, index: int, failure: str, step: int, max_deviation: float, frames: dict | None = None
+    ) -> None:
         self.records[index].update(
             failed=True, failure=failure, failure_step=step, max_deviation=max_deviation
         )
+        if frames is not None:
+            self.frames[index] = frames
         self.steps[index] = step
         self.done[index] = True
 
@@ -116,6 +125,7 @@ class ReplicaRecords:
             "step": int(self.steps[index]),
             "record": dict(self.records[index]),
             "series": self._series_arrays(index),
+            "failure_frames": self.frames.get(index),
         }
 
     def active_entry(self, index: int, step: int, batch_state: dict[str, Any]) -> dict[str, Any]:
@@ -136,3 +146,7 @@ class ReplicaRecords:
 
     def series_arrays(self, name: str, indices: Sequence[int]) -> dict[str, dict[str, np.ndarray]]:
         return {series_key(name, self.plan[i]): self._series_arrays(i) for i in indices}
+
+    def failure_frames(self, name: str, indices: Sequence[int]) -> dict[str, dict[str, Any]]:
+        """The frames of the failed replicas among ``indices``, by series key."""
+        return {series_key(name, self.plan[i]): self.frames[i] for i in indices if i in self.frames}

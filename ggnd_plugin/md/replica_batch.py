@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ggnd_plugin.md.batched_states import keep_systems, replica_tensors
+from ggnd_plugin.md.failure_frames import FailureFrames, FrameRing, replica_frames
 from ggnd_plugin.md.seeds import noise_seed
 from ggnd_plugin.md.windows import BatchWindows
 
@@ -40,6 +41,7 @@ class ReplicaBatch:
         records: ReplicaRecords,
         protocol: StabilityProtocol,
         n_atoms: int,
+        failure_frames: FailureFrames | None = None,
     ):
         self.model = model
         self.integrator = integrator
@@ -51,6 +53,7 @@ class ReplicaBatch:
         self.device = model.device
         self.dtype = model.dtype
         self.windows = BatchWindows(self.device, self.dtype)
+        self.ring = FrameRing(failure_frames or FailureFrames(), n_atoms, self.device, self.dtype)
         self.step = 0  # iterations of this process (every active replica advances one step per iteration)
         self.replica_steps = 0
         self.generators: dict[int, torch.Generator] = {}
@@ -81,6 +84,7 @@ class ReplicaBatch:
         saved = [self.records.saved.pop(i, None) for i in members]
         self.monitor.append([None if s is None else s["monitor"] for s in saved])
         self.windows.add([None if s is None else s["accumulators"] for s in saved], first)
+        self.ring.add([None if s is None else s.get("frames") for s in saved])
         if self.integrator.stochastic:
             for index, entry in zip(members, saved, strict=True):
                 generator = torch.Generator(device=self.device)
@@ -100,6 +104,8 @@ class ReplicaBatch:
                 where = np.asarray(fresh)[failed]
                 self._fail(where, finite.cpu().numpy()[failed])
                 leaving[where] = True
+            # step 0 is the start frame: the first frame a failure can show
+            self.ring.record(state, self.active_steps[fresh], np.asarray(fresh))
         return leaving
 
     def _temperatures(self) -> None:
@@ -116,6 +122,7 @@ class ReplicaBatch:
         self.active_steps = self.active_steps[keep]
         self.windows.keep(keep_t, keep)
         self.monitor.keep(keep_t, keep)
+        self.ring.keep(keep_t, keep)
         self._temperatures()
 
     def drop(self, leaving: np.ndarray) -> None:
@@ -144,6 +151,8 @@ class ReplicaBatch:
             where = np.nonzero(failed_np)[0]
             self._fail(where, finite.cpu().numpy()[where])
             leaving |= failed_np
+        # after the failures took their frames: a ring holds only steps before its replica's failure
+        self.ring.record(self.state, self.active_steps)
         due = (self.active_steps % self.protocol.record_every_steps == 0) & ~leaving
         if due.any():
             where = np.nonzero(due)[0]
@@ -206,7 +215,8 @@ class ReplicaBatch:
         for position, is_finite in zip(positions, finite, strict=True):
             step = int(self.active_steps[position])
             failure = self.monitor.kind if is_finite else "non-finite"
-            self.records.fail(self.active[int(position)], failure, step, run_max[int(position)])
+            frames = replica_frames(self.ring, self.state, int(position), step, self.n_atoms)
+            self.records.fail(self.active[int(position)], failure, step, run_max[int(position)], frames)
             self.bar.update(self.protocol.n_steps - step)
 
     def _finish(self, positions: np.ndarray) -> None:
@@ -225,4 +235,5 @@ class ReplicaBatch:
             "rng": None if generator is None else generator.get_state(),
             "monitor": self.monitor.saved(position),
             "accumulators": self.windows.saved(position),
+            "frames": self.ring.saved(position),
         }

@@ -1,4 +1,5 @@
-"""Writing a stability run: results.json, results.csv, summary.md, timeseries.npz and the plots."""
+"""Writing a stability run: results.json, results.csv, summary.md, timeseries.npz, the plots and the
+failed replicas' frames (:mod:`ggnd_plugin.md.failure_report`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ggnd_plugin.md import survival
+from ggnd_plugin.md import failure_report, survival
+from ggnd_plugin.md.failures import failure_key
 from ggnd_plugin.md.protocol import StabilityResult
 
 CSV_COLUMNS = (
@@ -24,6 +26,10 @@ CSV_COLUMNS = (
     "failed",
     "failure",
     "failure_step",
+    "cause",
+    "cause_atoms",
+    "cause_detail",
+    "failure_frames",
 )
 
 
@@ -38,6 +44,10 @@ def public_rows(result: StabilityResult) -> list[dict[str, Any]]:
     for row in result.rows:
         row = dict(row)
         row[column] = row.pop("max_deviation")
+        for key in ("cause", "cause_atoms", "cause_detail"):
+            row.setdefault(key, None)
+        has_frames = row["failed"] and failure_key(row) in result.failures
+        row["failure_frames"] = failure_report.frames_file(row) if has_frames else None
         rows.append(row)
     return rows
 
@@ -212,7 +222,10 @@ def _markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]], right
 
 
 def summary_markdown(
-    result: StabilityResult, baseline: str | None = None, stats: dict[str, Any] | None = None
+    result: StabilityResult,
+    baseline: str | None = None,
+    stats: dict[str, Any] | None = None,
+    plots: bool = False,
 ) -> str:
     if stats is None:
         stats = statistics(result, baseline)
@@ -252,6 +265,7 @@ def summary_markdown(
             "",
             *_markdown_table(COMPARISON_COLUMNS, comparison_table(stats)),
         ]
+    lines += failure_report.markdown_lines(result, plots)
     versions = ", ".join(f"{k} {v}" for k, v in result.protocol.get("versions", {}).items())
     lines += ["", f"Device {result.protocol.get('device')}, {result.protocol.get('dtype')}; {versions}.", ""]
     return "\n".join(lines)
@@ -300,6 +314,7 @@ def print_summary(result: StabilityResult, baseline: str | None = None) -> None:
         console.print(table)
     if stats["comparisons"]:
         console.print(escape(_comparison_note(stats, short=True)))
+    failure_report.print_causes(result, console)
 
 
 def _json_safe(value):
@@ -347,6 +362,7 @@ def write_results(
                     "summary": summarise(result),
                     "statistics": stats,
                     "replicas": rows,
+                    **failure_report.json_record(result),
                 }
             ),
             indent=2,
@@ -357,8 +373,9 @@ def write_results(
         writer = csv.DictWriter(handle, fieldnames=[*CSV_COLUMNS, column])
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: ("" if row[key] is None else row[key]) for key in writer.fieldnames})
-    atomic_write_text(paths["summary.md"], summary_markdown(result, stats=stats))
+            values = {**row, "cause_atoms": " ".join(map(str, row["cause_atoms"] or [])) or None}
+            writer.writerow({key: ("" if values[key] is None else values[key]) for key in writer.fieldnames})
+    atomic_write_text(paths["summary.md"], summary_markdown(result, stats=stats, plots=plots))
     arrays = {
         f"{key}/{name}": values for key, series in result.series.items() for name, values in series.items()
     }
@@ -371,6 +388,7 @@ def write_results(
             with atomic_path(out_dir / name) as tmp:
                 plot(result, tmp)
             paths[name] = out_dir / name
+    paths.update(failure_report.write_failures(result, out_dir, plots))
     return paths
 
 

@@ -37,11 +37,14 @@ def assign_ranks(unfinished: Sequence[int], offset: int, world_size: int | None)
 
 
 def gather_shards(runs, plan, protocol, checkpoint_dir, ranks, record, execution, everyone):
-    """Rank 0: every replica's newest entry over all checkpoint files, as the single-process result."""
-    rows, series, unfinished = [], {}, []
+    """Rank 0: every replica's newest entry over all checkpoint files, as the single-process result
+    (failed replicas' frames in ``failures``, their causes not yet named)."""
+    rows, series, unfinished, failures = [], {}, [], {}
     for run in runs:
         monitor = run.monitor.base
-        entries, _ = read_checkpoints(checkpoint_dir, run.name, protocol, plan, monitor)
+        entries, _ = read_checkpoints(
+            checkpoint_dir, run.name, protocol, plan, monitor, run.failure_frame_settings
+        )
         for k, spec in enumerate(plan):
             entry = entries.get(k)
             if not is_done(entry):
@@ -60,6 +63,8 @@ def gather_shards(runs, plan, protocol, checkpoint_dir, ranks, record, execution
             series[series_key(run.name, spec)] = {
                 n: np.asarray(x, dtype=float) for n, x in entry["series"].items()
             }
+            if entry.get("failure_frames") is not None:
+                failures[series_key(run.name, spec)] = {"frames": entry["failure_frames"]}
     if unfinished:
         holders = sorted({item["rank"] for item in unfinished if item["rank"] is not None})
         reason = "" if everyone else " (a rank died or was stopped before the end)"
@@ -69,4 +74,4 @@ def gather_shards(runs, plan, protocol, checkpoint_dir, ranks, record, execution
             "--resume to finish only those",
             unfinished,
         )
-    return StabilityResult(protocol=record, rows=rows, series=series, execution=execution)
+    return StabilityResult(protocol=record, rows=rows, series=series, execution=execution, failures=failures)

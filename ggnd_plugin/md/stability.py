@@ -49,6 +49,8 @@ from ggnd_plugin.md.checkpoints import (
     is_done,
     read_checkpoints,
 )
+from ggnd_plugin.md.failure_frames import FailureFrames
+from ggnd_plugin.md.failures import FailureContext, name_causes
 from ggnd_plugin.md.integrators import DESCRIPTIONS
 from ggnd_plugin.md.model_run import ModelRun
 from ggnd_plugin.md.monitors import build_monitor
@@ -73,6 +75,7 @@ __all__ = [
     "CRITERIA",
     "ENSEMBLES",
     "Batching",
+    "FailureFrames",
     "ReplicaSpec",
     "StabilityProtocol",
     "StabilityResult",
@@ -118,6 +121,7 @@ def run_stability(
     overwrite: bool = False,
     batching: Batching | None = None,
     ranks=None,
+    failure_frames: FailureFrames | None = None,
 ) -> StabilityResult | None:
     """Run the stability protocol for each TorchSim model.
 
@@ -139,10 +143,15 @@ def run_stability(
         ranks: a :class:`ggnd_plugin.distributed.Ranks` of a torchrun job: this process runs its
             shard of every model's replicas, and rank 0 gathers every rank's checkpoints into the result
             (other ranks return None). Needs ``out_dir`` on a file system all ranks share.
+        failure_frames: how many frames before a failure each replica keeps, and how far apart
+            (:class:`FailureFrames`; default 10 frames, one every 10 steps). Not part of the protocol
+            (no stability number depends on it), but a resume must use the same.
 
     Returns:
-        :class:`StabilityResult` with the protocol record, one row per replica and the windowed time
-        series (max deviation, temperature, total energy) per replica.
+        :class:`StabilityResult` with the protocol record, one row per replica (a failed one with its
+        ``cause``, ``cause_atoms`` and ``cause_detail``: :mod:`ggnd_plugin.md.failures`), the windowed
+        time series (max deviation, temperature, total energy) per replica, and each failed replica's
+        last frames and cause in ``failures``.
 
     Raises:
         UnfinishedReplicas: (rank 0) some replicas were not finished because a rank died or was stopped.
@@ -152,11 +161,23 @@ def run_stability(
         raise GGNDError("no models to run")
     v.check_frames(reference_frames, "reference frames")
     batching = batching or Batching()
+    failure_frames = failure_frames or FailureFrames()
+    failure_frames.validate()
     if ranks is not None and ranks.world_size > 1 and out_dir is None:
         raise GGNDError("a run sharded over ranks needs out_dir: the ranks exchange results through it")
     if out_dir is None:
         return _run_stability(
-            models, start_frames, reference_frames, protocol, None, False, progress, sources, batching, None
+            models,
+            start_frames,
+            reference_frames,
+            protocol,
+            None,
+            False,
+            progress,
+            sources,
+            batching,
+            None,
+            failure_frames,
         )
     main = ranks is None or ranks.rank == 0
     lock = output_lock(Path(out_dir)) if main else contextlib.nullcontext()
@@ -175,11 +196,22 @@ def run_stability(
             sources,
             batching,
             ranks,
+            failure_frames,
         )
 
 
 def _run_stability(
-    models, start_frames, reference_frames, protocol, out_dir, resume, progress, sources, batching, ranks
+    models,
+    start_frames,
+    reference_frames,
+    protocol,
+    out_dir,
+    resume,
+    progress,
+    sources,
+    batching,
+    ranks,
+    failure_frames,
 ):
     by_temperature = _frames_by_temperature(start_frames, protocol.temperatures)
     first_start = next(iter(by_temperature.values()))[0]
@@ -232,7 +264,7 @@ def _run_stability(
         entries: dict[int, dict] = {}
         carry: dict[int, dict] = {}
         if resume and checkpoint_dir is not None:
-            entries, by_file = read_checkpoints(checkpoint_dir, name, protocol, plan, monitor)
+            entries, by_file = read_checkpoints(checkpoint_dir, name, protocol, plan, monitor, failure_frames)
             carry = dict(by_file.get(own, {}))
         unfinished = [i for i in range(len(plan)) if not is_done(entries.get(i))]
         assignment = assign_ranks(unfinished, offset, world_size)
@@ -242,7 +274,19 @@ def _run_stability(
         )
         carry = {i: e for i, e in carry.items() if i not in indices}
         run = ModelRun(
-            name, model, plan, frames_for, monitor, protocol, own, progress, batching, indices, carry, stop
+            name,
+            model,
+            plan,
+            frames_for,
+            monitor,
+            protocol,
+            own,
+            progress,
+            batching,
+            indices,
+            carry,
+            stop,
+            failure_frames,
         )
         run.assignment = assignment
         run.restore(entries)
@@ -265,6 +309,7 @@ def _run_stability(
         "device": str(sample.device.type if ranks is not None else sample.device),
         "dtype": str(sample.dtype).replace("torch.", ""),
         "versions": package_versions(),
+        "failure_frames": failure_frames.to_dict(),
         **dict(sources or {}),
     }
     execution = {
@@ -274,14 +319,22 @@ def _run_stability(
         "seconds": time.perf_counter() - started,
         "replica_steps": sum(run.replica_steps for run in runs),
     }
+    context = FailureContext.from_monitor(runs[0].monitor.base)
     if ranks is None:
         rows = [row for run in runs for row in run.rows()]
         series = {key: value for run in runs for key, value in run.series_arrays().items()}
-        return StabilityResult(protocol=record, rows=rows, series=series, execution=execution)
+        failures = {key: {"frames": f} for run in runs for key, f in run.failure_frames().items()}
+        result = StabilityResult(
+            protocol=record, rows=rows, series=series, execution=execution, failures=failures
+        )
+        name_causes(result, context)
+        return result
 
     everyone = stopped is None and ranks.barrier()
     if ranks.rank != 0:
         if stopped is not None:
             raise stopped
         return None
-    return gather_shards(runs, plan, protocol, checkpoint_dir, ranks, record, execution, everyone)
+    result = gather_shards(runs, plan, protocol, checkpoint_dir, ranks, record, execution, everyone)
+    name_causes(result, context)
+    return result
