@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 UV_VERSION := 0.13.9
 
-.PHONY: demo test test-slow test-all lint bench env lock clean-env check-install
+.PHONY: demo test test-slow test-all lint bench env lock clean-env check-install gpu-wheels gpu-pass gpu-pass-dry-run
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/ggnd demo
@@ -51,6 +51,38 @@ lint: $(VENV)/.installed
 # Re-measures and replaces the committed result (benchmarks refuse to overwrite without --overwrite).
 bench: $(VENV)/.installed
 	$(PY) benchmarks/block_scaling.py --overwrite
+
+# The GPU pass (benchmarks/gpu_pass.py; docs/scale.md, "The GPU pass"): correctness, batched stability,
+# table 5, the block alone and nccl on one GPU, within 8 minutes from the first line of the recipe (the
+# pass stops itself at 450 s; `timeout` is the last resort). The lent GPU machines have no network and
+# their own python3 with a CUDA torch: `make gpu-wheels` (here, with network) puts the wheels that image
+# lacks in $(GPU_WHEELS); carry that folder with the device call, and `make gpu-pass` there installs them
+# into $(GPU_SITE) (nothing, where the environment already has everything), then runs the pass: the
+# CUDA tests first, then the measurements. Results: $(GPU_PASS_OUT) and its .md, copied into $$OUT
+# where that is set (the device tool's output folder). A committed result needs
+# GPU_PASS_ARGS=--overwrite. The CPU dry run of the same script is part of `make test`
+# (tests/test_gpu_pass.py); `make gpu-pass-dry-run` runs it alone.
+GPU_PYTHON ?= python3
+GPU_WHEELS := .gpu-wheels
+GPU_SITE ?= /tmp/ggnd-gpu-site
+GPU_PASS_OUT ?= benchmarks/results/gpu_pass.json
+GPU_PASS_ARGS ?=
+
+gpu-wheels: $(VENV)/.installed
+	$(PY) benchmarks/gpu_env.py wheels --into $(GPU_WHEELS)
+
+gpu-pass:
+	@export GGND_GPU_PASS_T0=$$(date +%s) GGND_GPU_SITE=$(GPU_SITE); \
+	timeout --signal=TERM --kill-after=5 472 sh -c '\
+	  $(GPU_PYTHON) benchmarks/gpu_env.py install --wheels $(GPU_WHEELS) --site $(GPU_SITE) && \
+	  PYTHONPATH=$(CURDIR):$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 \
+	  $(GPU_PYTHON) benchmarks/gpu_pass.py --device cuda --out $(GPU_PASS_OUT) $(GPU_PASS_ARGS)'; \
+	status=$$?; \
+	if [ -n "$$OUT" ] && [ -d "$$OUT" ]; then cp -f $(GPU_PASS_OUT) $(basename $(GPU_PASS_OUT)).md "$$OUT"/; fi; \
+	echo "gpu-pass: exit $$status after $$(( $$(date +%s) - GGND_GPU_PASS_T0 )) s"; exit $$status
+
+gpu-pass-dry-run: $(VENV)/.installed
+	$(PY) benchmarks/gpu_pass.py --device cpu --tiny --overwrite
 
 env: $(VENV)/.installed
 

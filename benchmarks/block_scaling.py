@@ -129,6 +129,54 @@ def address_space_bytes() -> int | None:
         return None
 
 
+def case_inputs(n_atoms: int, n_systems: int, generator) -> dict:
+    """Positions (float32), system index, species and random host features of ``n_systems`` blobs of
+    ``n_atoms // n_systems`` atoms, drawn from ``generator`` in this order."""
+    import torch
+
+    n_per = n_atoms // n_systems
+    positions = torch.cat([molecule_blob(n_per, generator) for _ in range(n_systems)])
+    batch = torch.arange(n_systems).repeat_interleave(n_per)
+    n_atoms = positions.shape[0]
+    species = torch.randint(0, NUM_SPECIES, (n_atoms,), generator=generator)
+    host = torch.randn(n_atoms, block_feature_spec().irreps.dim, generator=generator, dtype=torch.float32)
+    return {"positions": positions, "batch": batch, "species": species, "host": host, "n_systems": n_systems}
+
+
+def block_feature_spec():
+    from ggnd_plugin.block import FeatureSpec
+
+    return FeatureSpec({"node_feats": HOST_IRREPS}, num_species=NUM_SPECIES)
+
+
+def case_block(chunk_size: int | None, version: int, generator):
+    """The measured block: default config but ``chunk_size``, float32, random readouts from ``generator``."""
+    import torch
+
+    from ggnd_plugin.block import GGNDBlock, GGNDConfig
+
+    torch.manual_seed(0)
+    block = GGNDBlock(block_feature_spec(), GGNDConfig(chunk_size=chunk_size, version=version)).float()
+    with torch.no_grad():
+        block.readout_state.weight.normal_(generator=generator)
+        block.readout_host.weight.normal_(std=0.1, generator=generator)
+    return block
+
+
+def block_energy_and_forces(block, inputs: dict):
+    """One evaluation: pair table, energies per system, forces (the gradient of their sum)."""
+    import torch
+
+    from ggnd_plugin.block import system_energy
+
+    batch, n_systems = inputs["batch"], inputs["n_systems"]
+    x = inputs["positions"].clone().requires_grad_(True)
+    pairs = block.pairs(x, batch)
+    energy = system_energy(block(inputs["host"], x, inputs["species"], pairs, batch=batch), batch, n_systems)
+    (grad,) = torch.autograd.grad(energy.sum(), x)
+    return energy.detach(), -grad
+
+
 def run_case(case: dict) -> dict:
     """Measure one case in this process (call it in a fresh subprocess).
 
@@ -137,33 +185,15 @@ def run_case(case: dict) -> dict:
     """
     import torch
 
-    from ggnd_plugin.block import FeatureSpec, GGNDBlock, GGNDConfig, system_energy
-
     torch.set_num_threads(case["threads"])
     generator = torch.Generator().manual_seed(case["n_atoms"] * 1000 + case["n_systems"])
     n_systems, n_per = case["n_systems"], case["n_atoms"] // case["n_systems"]
-    positions = torch.cat([molecule_blob(n_per, generator) for _ in range(n_systems)])
-    batch = torch.arange(n_systems).repeat_interleave(n_per)
-    n_atoms = positions.shape[0]
-    species = torch.randint(0, NUM_SPECIES, (n_atoms,), generator=generator)
-    spec = FeatureSpec({"node_feats": HOST_IRREPS}, num_species=NUM_SPECIES)
-    host = torch.randn(n_atoms, spec.irreps.dim, generator=generator)
+    inputs = case_inputs(case["n_atoms"], n_systems, generator)
     versions = case["versions"] if case.get("phase") == "time" else [case["version"]]
-    blocks = {}
-    for version in versions:
-        torch.manual_seed(0)
-        block = GGNDBlock(spec, GGNDConfig(chunk_size=case["chunk_size"], version=version)).float()
-        with torch.no_grad():
-            block.readout_state.weight.normal_(generator=generator)
-            block.readout_host.weight.normal_(std=0.1, generator=generator)
-        blocks[version] = block
+    blocks = {version: case_block(case["chunk_size"], version, generator) for version in versions}
 
     def energy_and_forces(block):
-        x = positions.clone().requires_grad_(True)
-        pairs = block.pairs(x, batch)
-        energy = system_energy(block(host, x, species, pairs, batch=batch), batch, n_systems)
-        (grad,) = torch.autograd.grad(energy.sum(), x)
-        return energy.detach(), -grad
+        return block_energy_and_forces(block, inputs)
 
     budget = case.get("memory_budget_bytes")
     space = address_space_bytes()

@@ -91,12 +91,22 @@ def train_step_seconds(adapters, models, batch, device: str, repeats: int) -> li
 
 
 def md_step_seconds(
-    adapters, models, start, reference, device: str, dtype: str, replicas: int, steps: int, compiled=None
+    adapters,
+    models,
+    start,
+    reference,
+    device: str,
+    dtype: str,
+    replicas: int,
+    steps: int,
+    compiled=None,
+    ts_models=None,
 ):
     """Seconds per batched MD step (all replicas) per model, from the difference of two run lengths.
 
     ``compiled[k]`` True: model k's GGND blocks run compiled (``compile_blocks`` on the TorchSim model;
-    compilation happens in the warm-up run, before either measured run).
+    compilation happens in the warm-up run, before either measured run). ``ts_models``: TorchSim models
+    already built (and compiled) to run instead, so one compilation serves several measurements.
     """
     import torch
 
@@ -104,10 +114,11 @@ def md_step_seconds(
     from ggnd_plugin.md.stability import StabilityProtocol, run_stability
 
     torch_dtype = getattr(torch, dtype)
-    ts_models = [a.torchsim_model(m, device, torch_dtype) for a, m in zip(adapters, models, strict=True)]
-    for ts_model, flag in zip(ts_models, compiled or [False] * len(ts_models), strict=True):
-        if flag:
-            compile_blocks(ts_model)
+    if ts_models is None:
+        ts_models = [a.torchsim_model(m, device, torch_dtype) for a, m in zip(adapters, models, strict=True)]
+        for ts_model, flag in zip(ts_models, compiled or [False] * len(ts_models), strict=True):
+            if flag:
+                compile_blocks(ts_model)
 
     # CPU seconds of this process on the CPU (the runs are single-threaded: other jobs on a shared machine
     # do not count), wall seconds on a GPU.
