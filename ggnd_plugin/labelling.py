@@ -152,8 +152,8 @@ def label_files(
     interruption would; the result has ``complete=False``). OUT is locked for the run.
     """
     from ggnd_plugin.data import read_structures
-    from ggnd_plugin.xtb import require_xtb
     from ggnd_plugin.safe_io import output_lock
+    from ggnd_plugin.xtb import require_xtb
 
     settings = settings or LabelSettings()
     out = Path(out)
@@ -177,8 +177,8 @@ def _label(frames, sources, paths, out, settings, resume, overwrite, progress, s
     from ase.io import write
     from tqdm.auto import tqdm
 
-    from ggnd_plugin.xtb import one_openmp_thread
     from ggnd_plugin.safe_io import atomic_write_text, read_json_state
+    from ggnd_plugin.xtb import one_openmp_thread
 
     partial, checkpoint = partial_path(out), checkpoint_path(out)
     identity = {"settings": asdict(settings), "inputs": _fingerprint(paths), "frames": len(frames)}
