@@ -120,6 +120,7 @@ def _run_temperature(
     simulated interruption can fall anywhere).
     """
     from ase import units
+    from ase.calculators.calculator import CalculationFailed
     from ase.constraints import FixCom
     from ase.io import write
     from ase.md import velocitydistribution
@@ -179,13 +180,11 @@ def _run_temperature(
     while segments_done < total_segments:
         try:
             dynamics.run(settings.steps_per_frame)
-        except Exception as error:
-            if type(error).__name__ == "CalculationFailed":
-                raise GGNDError(
-                    f"xTB failed at {temperature_K:g} K after {segments_done * settings.spacing_fs:g} fs of "
-                    f"MD ({error}); lower --timestep-fs or the temperature"
-                ) from error
-            raise
+        except CalculationFailed as error:  # tblite's ASE calculator raises ASE's own
+            raise GGNDError(
+                f"xTB failed at {temperature_K:g} K after {segments_done * settings.spacing_fs:g} fs of "
+                f"MD ({error}); lower --timestep-fs or the temperature"
+            ) from error
         segments_done += 1
         time_fs = segments_done * settings.spacing_fs
         max_stretch = max(

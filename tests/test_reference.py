@@ -288,3 +288,31 @@ def test_default_data_lookup_errors_and_cli_listing(capsys):
     assert main(["data", "list"]) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in DEFAULT_FILES)
+
+
+def test_an_xtb_failure_during_md_names_the_temperature_and_time(tmp_path, monkeypatch):
+    _needs_xtb()
+    from ase.calculators.calculator import CalculationFailed
+
+    import ggnd_plugin.reference as reference
+
+    real = reference.xtb_calculator
+
+    def failing_after_a_few_calls(*args, **kwargs):
+        calculator = real(*args, **kwargs)
+        calls = {"n": 0}
+        calculate = calculator.calculate
+
+        def calculate_then_fail(*a, **k):
+            calls["n"] += 1
+            if calls["n"] > 3:  # the SCF of tblite diverging, as it does for atoms driven together
+                raise CalculationFailed("SCF did not converge")
+            return calculate(*a, **k)
+
+        calculator.calculate = calculate_then_fail
+        return calculator
+
+    monkeypatch.setattr(reference, "xtb_calculator", failing_after_a_few_calls)
+    settings = reference.GenerationSettings(**SMALL)
+    with pytest.raises(GGNDError, match=r"xTB failed at 300 K after \d+ fs of MD \(SCF did not converge\)"):
+        reference.generate(settings, tmp_path / "out", show_progress=False)
