@@ -272,11 +272,12 @@ def config_of(args, name: str):
 
 def fit_mace(args, data, name: str, config) -> dict[str, Any]:
     """MACEAdapter.fit's command (fit_command + run_fit), with this run's device, E0s and size."""
+    from ggnd_plugin.adapters.host_trainer import FitRequest
     from ggnd_plugin.adapters.mace.training import fit_command, run_fit
 
     work = args.out / "models" / name
     command, model_path = fit_command(
-        data["train"], data["valid"], work, config, args.epochs, args.seed, args.size, args.device
+        FitRequest(data["train"], data["valid"], work, config, args.epochs, args.seed, args.size, args.device)
     )
     e0s = json.loads(data["e0s"].read_text())
     command = set_option(command, "default_dtype", args.dtype)

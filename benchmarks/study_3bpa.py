@@ -100,19 +100,13 @@ def fit_worker(args, data, model: dict[str, Any]) -> dict[str, Any]:
     work = args.out / "models" / model["name"]
     started = time.perf_counter()
     if model["host"] == "mace":
+        from ggnd_plugin.adapters.host_trainer import FitRequest
         from ggnd_plugin.adapters.mace.training import fit_command, run_fit
 
-        command, path = fit_command(
-            data["train"],
-            data["valid"],
-            work,
-            config,
-            EPOCHS,
-            model["seed"],
-            SIZE,
-            args.device,
-            patience=PATIENCE,
+        request = FitRequest(
+            data["train"], data["valid"], work, config, EPOCHS, model["seed"], SIZE, args.device, PATIENCE
         )
+        command, path = fit_command(request)
         e0s = json.loads(Path(data["e0s"]).read_text())
         command = set_option(command, "E0s", "{" + ", ".join(f"{z}: {e}" for z, e in e0s.items()) + "}")
         command.append("--restart_latest")  # MACE's own checkpoints: a stopped fit continues

@@ -150,12 +150,14 @@ def merged_start_frames(out: Path) -> Path:
 
 
 def fit_base(out: Path, data: dict[str, Path], seed: int) -> dict:
+    from ggnd_plugin.adapters.host_trainer import FitRequest
     from ggnd_plugin.adapters.mace.training import fit_command, run_fit
 
     work = out / "fits" / f"base-s{seed}"
-    command, path = fit_command(
-        data["train"], data["valid"], work, None, BASE_EPOCHS, seed, SIZE, "cpu", patience=BASE_PATIENCE
+    request = FitRequest(
+        data["train"], data["valid"], work, None, BASE_EPOCHS, seed, SIZE, "cpu", BASE_PATIENCE
     )
+    command, path = fit_command(request)
     e0s = json.loads(Path(data["e0s"]).read_text())
     command = set_option(command, "E0s", "{" + ", ".join(f"{z}: {e}" for z, e in e0s.items()) + "}")
     command.append("--restart_latest")  # MACE's own checkpoints: a stopped fit continues

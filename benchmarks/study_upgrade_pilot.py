@@ -54,7 +54,8 @@ def split(out: Path) -> dict[str, Path]:
 
 
 def fit_base(out: Path, data: dict[str, Path]) -> dict:
-    from ggnd_plugin.adapters.mace_train import fit_command, run_fit
+    from ggnd_plugin.adapters.host_trainer import FitRequest
+    from ggnd_plugin.adapters.mace.training import fit_command, run_fit
 
     record = out / "base.json"
     if record.exists():
@@ -62,7 +63,7 @@ def fit_base(out: Path, data: dict[str, Path]) -> dict:
     one_thread()
     work = out / "base"
     command, path = fit_command(
-        data["train"], data["valid"], work, None, 150, PILOT_SEED, "tiny", patience=15
+        FitRequest(data["train"], data["valid"], work, None, 150, PILOT_SEED, "tiny", patience=15)
     )
     e0s = json.loads(data["e0s"].read_text())
     flag = command.index("--E0s") if "--E0s" in command else None

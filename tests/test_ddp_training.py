@@ -114,13 +114,13 @@ def test_nequip_train_with_lightning_ddp(frames, tmp_path, capsys):
 
 def test_spktrain_with_lightning_ddp(frames, tmp_path, capsys):
     pytest.importorskip("schnetpack")
+    from ggnd_plugin.adapters.host_trainer import FitRequest
     from ggnd_plugin.adapters.schnetpack import fit_command
     from ggnd_plugin.block import GGNDConfig
 
     work = tmp_path / "work"
-    command, model = fit_command(
-        frames["train"], frames["valid"], work, GGNDConfig(channels=8, heads=2, steps=2), 2, 0, "tiny"
-    )
+    config = GGNDConfig(channels=8, heads=2, steps=2)
+    command, model = fit_command(FitRequest(frames["train"], frames["valid"], work, config, 2, 0, "tiny"))
     assert "++globals.ggnd.version=2" in command
     # command: python -m ggnd_plugin.host_fit schnetpack.cli:train SPKTRAIN OVERRIDES (atomic torch.save:
     # both ranks store best_model)

@@ -433,19 +433,17 @@ def test_ggnd_options_parse_into_a_config(tmp_path):
 
 def test_fit_command_parses_back_with_device_and_variant(tmp_path):
     """The command MACEAdapter.fit runs is accepted by ggnd-mace-train's own parser, options intact."""
+    from ggnd_plugin.adapters.host_trainer import FitRequest
     from ggnd_plugin.adapters.mace.training import build_parser, fit_command, split_ggnd_arguments
 
     config = GGNDConfig(channels=8, heads=2, steps=2, variant="mp")
-    command, model_path = fit_command(
-        tmp_path / "t.xyz", tmp_path / "v.xyz", tmp_path / "run", config, 7, 3, "tiny", device="cuda"
-    )
+    train, valid, work = tmp_path / "t.xyz", tmp_path / "v.xyz", tmp_path / "run"
+    command, model_path = fit_command(FitRequest(train, valid, work, config, 7, 3, "tiny", device="cuda"))
     assert command[1:3] == ["-m", "ggnd_plugin.adapters.mace.training"]
     args, parsed, _ = split_ggnd_arguments(build_parser().parse_args(command[3:]))
     assert (args.device, args.max_num_epochs, args.seed) == ("cuda", 7, 3)
     assert parsed == config and model_path == tmp_path / "run" / "mace-ggnd.model"
-    plain, plain_path = fit_command(
-        tmp_path / "t.xyz", tmp_path / "v.xyz", tmp_path / "run", None, 7, 3, "tiny"
-    )
+    plain, plain_path = fit_command(FitRequest(train, valid, work, None, 7, 3, "tiny"))
     args, parsed, _ = split_ggnd_arguments(build_parser().parse_args(plain[3:]))
     assert parsed is None and args.device == "cpu" and plain_path.name == "mace.model"
 

@@ -16,7 +16,9 @@ pytest.importorskip("nequip")
 
 from ase.io import read, write  # noqa: E402
 
-from ggnd_plugin.adapters.nequip import SIZES, NequIPAdapter, fit_config  # noqa: E402
+from ggnd_plugin.adapters.host_trainer import FitRequest  # noqa: E402
+from ggnd_plugin.adapters.nequip import SIZES, NequIPAdapter  # noqa: E402
+from ggnd_plugin.adapters.nequip import fit_config as nequip_fit_config  # noqa: E402
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
 from ggnd_plugin.default_data import default_data_path
 from ggnd_plugin.errors import GGNDError  # noqa: E402
@@ -43,7 +45,10 @@ def data(tmp_path_factory):
     return paths
 
 
-def test_fit_config_fills_the_template(data):
+def test_fit_config_fills_the_template(data, tmp_path):
+    def fit_config(train, valid, config, **values):
+        return nequip_fit_config(FitRequest(train, valid, tmp_path, config, **values))
+
     plain = fit_config(data["train"], data["valid"], None, epochs=3, seed=7, size="tiny")
     assert plain["max_epochs"] == 3 and plain["seed"] == 7
     assert plain["model_type_names"] == ["H", "C", "N", "O"]

@@ -13,6 +13,7 @@ pytest.importorskip("schnetpack")
 
 from ase.io import write  # noqa: E402
 
+from ggnd_plugin.adapters.host_trainer import FitRequest  # noqa: E402
 from ggnd_plugin.adapters.schnetpack import FIT_LOG, SchNetPackAdapter, fit_command  # noqa: E402
 from ggnd_plugin.block import GGNDConfig  # noqa: E402
 from ggnd_plugin.data import read_labelled  # noqa: E402
@@ -75,8 +76,9 @@ def test_fit_trains_through_spktrain(split, tmp_path, config):
 
 def test_fit_command_and_errors(split, tmp_path):
     train, valid, _ = split
+    config = GGNDConfig(channels=8, heads=2, r_g=None)
     command, model_path = fit_command(
-        train, valid, tmp_path, GGNDConfig(channels=8, heads=2, r_g=None), epochs=3, seed=7, size="small"
+        FitRequest(train, valid, tmp_path, config, epochs=3, seed=7, size="small")
     )
     assert "experiment=ggnd_painn_3bpa" in command and "trainer.max_epochs=3" in command
     assert "++seed=7" in command and "data.num_train=16" in command and "data.num_val=4" in command
@@ -84,7 +86,7 @@ def test_fit_command_and_errors(split, tmp_path):
     assert "globals.ggnd_atomic_numbers=[1,6,7,8]" in command
     assert model_path == tmp_path / "runs" / "ggnd_painn" / "best_model"
     assert "trainer.accelerator=cpu" in command
-    on_gpu, _ = fit_command(train, valid, tmp_path, None, epochs=3, seed=7, size="small", device="cuda")
+    on_gpu, _ = fit_command(FitRequest(train, valid, tmp_path, None, 3, 7, "small", device="cuda"))
     assert "trainer.accelerator=gpu" in on_gpu
     import numpy as np
 

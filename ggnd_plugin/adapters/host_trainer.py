@@ -35,8 +35,8 @@ class FitRequest:
     epochs: int
     seed: int
     size: str
-    device: str
-    patience: int | None
+    device: str = "cpu"
+    patience: int | None = None
 
 
 @dataclass(frozen=True)

@@ -235,15 +235,5 @@ class MACEAdapter(HostAdapter):
         return fit_outputs(model_name(request.config))
 
     def prepare_fit(self, request: FitRequest) -> TrainerCommand:
-        argv, model_path = fit_command(
-            request.train,
-            request.valid,
-            request.work_dir,
-            request.config,
-            request.epochs,
-            request.seed,
-            request.size,
-            request.device,
-            patience=request.patience,
-        )
+        argv, model_path = fit_command(request)
         return TrainerCommand(argv, model_path)

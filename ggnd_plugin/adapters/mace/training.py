@@ -46,7 +46,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ggnd_plugin.adapters.host_trainer import HostTrainer
+from ggnd_plugin.adapters.host_trainer import FitRequest, HostTrainer
 from ggnd_plugin.adapters.mace.wrapper import GGNDMACE, attach_ggnd
 from ggnd_plugin.block import CURRENT_VERSION, GGNDConfig
 from ggnd_plugin.errors import GGNDError
@@ -382,38 +382,28 @@ def model_name(config: GGNDConfig | None) -> str:
     return "mace-ggnd" if config is not None else "mace"
 
 
-def fit_command(
-    train: Path,
-    valid: Path,
-    work_dir: Path,
-    config: GGNDConfig | None,
-    epochs: int,
-    seed: int,
-    size: str,
-    device: str = "cpu",
-    patience: int | None = None,
-) -> tuple[list[str], Path]:
+def fit_command(request: FitRequest) -> tuple[list[str], Path]:
     """The ggnd-mace-train command line that :meth:`MACEAdapter.fit` runs, and the model it writes.
 
-    ``patience``: MACE's early stopping (``--patience``) on the validation loss, with its plateau
+    ``request.patience``: MACE's early stopping (``--patience``) on the validation loss, with its plateau
     scheduler halving the learning rate after ``max(2, patience // 3)`` epochs without improvement.
     """
-    check_size(size)
-    work_dir = Path(work_dir)
+    check_size(request.size)
+    work_dir, config, patience = Path(request.work_dir), request.config, request.patience
     name = model_name(config)
     options = {
         "name": name,
-        "seed": seed,
-        "train_file": str(train),
-        "valid_file": str(valid),
+        "seed": request.seed,
+        "train_file": str(request.train),
+        "valid_file": str(request.valid),
         "work_dir": str(work_dir),
         "model": "MACE",
-        "max_num_epochs": epochs,
+        "max_num_epochs": request.epochs,
         "energy_key": "energy",
         "forces_key": "forces",
         "E0s": "average",
         "default_dtype": "float64",
-        "device": device,
+        "device": request.device,
         "lr": 0.01,
         # MACE's defaults weigh forces 100 : energy 1, meant for long fits ending in its stage two
         # (energy weight 1000). Stage two (SWA) crashed for the "small" size here (torch 2.13: a
@@ -423,7 +413,7 @@ def fit_command(
         "forces_weight": 100.0,
         "scaling": "rms_forces_scaling",
         "error_table": "PerAtomRMSE",
-        **SIZES[size],
+        **SIZES[request.size],
     }
     if patience is not None:
         options.update(patience=patience, scheduler_patience=max(2, patience // 3), lr_factor=0.5)

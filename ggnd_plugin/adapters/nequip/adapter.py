@@ -132,32 +132,13 @@ class NequIPAdapter(HostAdapter):
     trainer = TRAINER
 
     def check_fit(self, request: FitRequest) -> None:
-        fit_config(
-            request.train,
-            request.valid,
-            request.config,
-            request.epochs,
-            request.seed,
-            request.size,
-            request.device,
-            request.patience,
-        )
+        fit_config(request)  # builds the config, raising on what it cannot fill in
 
     def fit_outputs(self, request: FitRequest) -> tuple[str, ...]:
         return FIT_OUTPUTS
 
     def prepare_fit(self, request: FitRequest) -> TrainerCommand:
-        config_path = write_fit_config(
-            request.train,
-            request.valid,
-            request.work_dir,
-            request.config,
-            request.epochs,
-            request.seed,
-            request.size,
-            request.device,
-            patience=request.patience,
-        )
+        config_path = write_fit_config(request)
         return nequip_train_command(config_path, request.work_dir)
 
     # ---- what the model knows -----------------------------------------------------------------------

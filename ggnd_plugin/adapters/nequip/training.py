@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ggnd_plugin.adapters.host_trainer import HostTrainer, TrainerCommand
-from ggnd_plugin.block import GGNDConfig
+from ggnd_plugin.adapters.host_trainer import FitRequest, HostTrainer, TrainerCommand
 from ggnd_plugin.errors import GGNDError
 
 FIT_TEMPLATE = Path(__file__).parent / "fit.yaml"
@@ -72,24 +71,18 @@ def _elements(*paths: Path) -> list[str]:
     return sorted(symbols, key=atomic_numbers.__getitem__)
 
 
-def fit_config(
-    train: Path,
-    valid: Path,
-    config: GGNDConfig | None,
-    epochs: int,
-    seed: int,
-    size: str,
-    device: str = "cpu",
-    patience: int | None = None,
-) -> dict[str, Any]:
-    """The nequip-train config :meth:`NequIPAdapter.fit` runs: the template with these values filled in.
+def fit_config(request: FitRequest) -> dict[str, Any]:
+    """The nequip-train config :meth:`NequIPAdapter.fit` runs: the template with the request filled in.
 
-    ``patience``: Lightning's early stopping on the validation metric, and a plateau scheduler halving
-    the learning rate after ``max(2, patience // 3)`` epochs without improvement.
+    ``request.patience``: Lightning's early stopping on the validation metric, and a plateau scheduler
+    halving the learning rate after ``max(2, patience // 3)`` epochs without improvement.
     """
     import yaml
 
     from ggnd_plugin.adapters.base import lightning_accelerator
+
+    train, valid, config, epochs = request.train, request.valid, request.config, request.epochs
+    seed, size, device, patience = request.seed, request.size, request.device, request.patience
 
     if size not in SIZES:
         raise GGNDError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
@@ -140,24 +133,14 @@ def fit_config(
     return values
 
 
-def write_fit_config(
-    train: Path,
-    valid: Path,
-    work_dir: Path,
-    config: GGNDConfig | None,
-    epochs: int,
-    seed: int,
-    size: str,
-    device: str = "cpu",
-    patience: int | None = None,
-) -> Path:
+def write_fit_config(request: FitRequest) -> Path:
     """Write :func:`fit_config` to ``work_dir/nequip-fit.yaml`` (removing checkpoints of an earlier run)."""
     import yaml
 
     from ggnd_plugin.safe_io import atomic_write_text
 
-    values = fit_config(train, valid, config, epochs, seed, size, device, patience)
-    work_dir = Path(work_dir)
+    values = fit_config(request)
+    work_dir = Path(request.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     # Lightning would write best-v1.ckpt next to an old best.ckpt: start from a clean folder.
     for stale in [*work_dir.glob("best*.ckpt"), *work_dir.glob("last*.ckpt")]:

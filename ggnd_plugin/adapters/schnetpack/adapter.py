@@ -157,17 +157,7 @@ class SchNetPackAdapter(HostAdapter):
         return fit_outputs(request.config)
 
     def prepare_fit(self, request: FitRequest) -> TrainerCommand:
-        argv, model_path = fit_command(
-            request.train,
-            request.valid,
-            request.work_dir,
-            request.config,
-            request.epochs,
-            request.seed,
-            request.size,
-            request.device,
-            patience=request.patience,
-        )
+        argv, model_path = fit_command(request)
         work_dir = request.work_dir
         return TrainerCommand(argv, model_path, cwd=work_dir, env=spktrain_environment(work_dir))
 

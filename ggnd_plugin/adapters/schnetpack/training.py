@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ggnd_plugin.adapters.host_trainer import HostTrainer
+from ggnd_plugin.adapters.host_trainer import FitRequest, HostTrainer
 from ggnd_plugin.block import GGNDConfig
 from ggnd_plugin.errors import GGNDError
 
@@ -73,17 +73,7 @@ def check_fit_arguments(train: Path, valid: Path, epochs: int, size: str) -> Non
             raise GGNDError(f"{Path(path).absolute()}: no such file")
 
 
-def fit_command(
-    train: Path,
-    valid: Path,
-    work_dir: Path,
-    config: GGNDConfig | None,
-    epochs: int,
-    seed: int,
-    size: str,
-    device: str = "cpu",
-    patience: int | None = None,
-) -> tuple[list[str], Path]:
+def fit_command(request: FitRequest) -> tuple[list[str], Path]:
     """Write the database and split for ``spktrain``; return its command line and the model it writes.
 
     The run is ``work_dir/runs/<painn|ggnd_painn>`` (replaced if it exists: spktrain would otherwise
@@ -99,8 +89,16 @@ def fit_command(
     from ggnd_plugin.adapters.schnetpack.database import extxyz_to_spk_db
     from ggnd_plugin.data import read_labelled
 
-    check_fit_arguments(train, valid, epochs, size)
-    train, valid, work_dir = Path(train).absolute(), Path(valid).absolute(), Path(work_dir).absolute()
+    config, epochs, size, device, patience = (
+        request.config,
+        request.epochs,
+        request.size,
+        request.device,
+        request.patience,
+    )
+    check_fit_arguments(request.train, request.valid, epochs, size)
+    train, valid = Path(request.train).absolute(), Path(request.valid).absolute()
+    work_dir = Path(request.work_dir).absolute()
     work_dir.mkdir(parents=True, exist_ok=True)
     database, split = work_dir / "data.db", work_dir / "split.npz"
     n_train = len(read_labelled(train))
@@ -138,7 +136,7 @@ def fit_command(
         "callbacks.model_checkpoint.verbose": True,
         "logger": "csv",
         "print_config": False,
-        "++seed": seed,
+        "++seed": request.seed,
     }
     if patience is not None:
         overrides["callbacks.early_stopping.patience"] = int(patience)
