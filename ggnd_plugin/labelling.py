@@ -71,8 +71,13 @@ def _spin(atoms, where: str) -> tuple[int, int]:
     values = {}
     for key, default in (("charge", 0), ("unpaired_electrons", 0)):
         value = atoms.info.get(key, default)
-        if isinstance(value, bool) or not float(value).is_integer():
-            raise GGNDError(f"{where}: info['{key}'] must be a whole number, got {value}")
+        try:
+            whole = not isinstance(value, bool) and float(value).is_integer()
+        except (TypeError, ValueError):  # a word, a list, None
+            whole = False
+        if not whole:
+            shown = repr(value) if isinstance(value, str) else value
+            raise GGNDError(f"{where}: info['{key}'] must be a whole number, got {shown}")
         values[key] = int(value)
     charge, unpaired = values["charge"], values["unpaired_electrons"]
     electrons = int(numbers.sum()) - charge

@@ -81,6 +81,14 @@ def test_bad_frames_are_refused_before_any_label(tmp_path):
         GGNDError, match=f"frame 0: {electrons} electrons with charge -1 cannot have 0 unpaired"
     ):
         label_files([tmp_path / "anion.xyz"], tmp_path / "out.xyz", progress=False)
+    for key, value, shown in (("charge", "neutral", "'neutral'"), ("unpaired_electrons", 0.5, "0.5")):
+        odd = good.copy()
+        odd.info[key] = value
+        write(tmp_path / f"odd_{key}.xyz", [good, odd])
+        with pytest.raises(
+            GGNDError, match=rf"odd_{key}.xyz: frame 1: info\['{key}'\] must be a whole number, got {shown}"
+        ):
+            label_files([tmp_path / f"odd_{key}.xyz"], tmp_path / "out.xyz", progress=False)
     radical = Atoms("CH3", positions=[[0, 0, 0], [1.08, 0, 0], [-0.54, 0.94, 0], [-0.54, -0.94, 0]])
     radical.info["unpaired_electrons"] = 1
     write(tmp_path / "radical.xyz", radical)
