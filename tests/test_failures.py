@@ -121,6 +121,60 @@ def test_a_hydrogen_leaving_its_carbon_is_fragmentation(reference, bonds, contex
     assert f"C{carbon}-H{hydrogen}" in cause["detail"] and "lengthening at +0.100 Å/fs" in cause["detail"]
 
 
+def test_the_rate_uses_the_run_s_masses(reference, bonds, context):
+    """A deuterium leaving at 0.1 Å/fs: with the run's masses (2.014 amu) in the frames the rate is
+    0.1 Å/fs; ASE's default hydrogen mass would make it twice that."""
+    atoms = reference[0]
+    k, carbon, hydrogen = _terminal_hydrogen_bond(atoms, bonds[0])
+    positions = atoms.get_positions()
+    axis = (positions[hydrogen] - positions[carbon]) / np.linalg.norm(positions[hydrogen] - positions[carbon])
+    moved = positions.copy()
+    moved[hydrogen] = positions[carbon] + (bonds[1][k] + 0.6) * axis
+    masses = atoms.get_masses()
+    masses[hydrogen] = 2.014
+    momenta = np.zeros((2, len(atoms), 3))
+    momenta[1, hydrogen] = 2.014 * 0.1 / units.fs * axis
+    frames = {**_frames(atoms, [positions, moved], momenta=momenta), "masses": masses}
+    assert "lengthening at +0.100 Å/fs" in failures.classify(frames, "bonds", context)["detail"]
+    del frames["masses"]  # frames kept before masses were recorded: ASE's defaults
+    assert "lengthening at +0.200 Å/fs" in failures.classify(frames, "bonds", context)["detail"]
+
+
+def test_in_a_cluster_only_the_piece_that_left_its_molecule_is_named():
+    """Water and ammonia, apart: the bond graph has two pieces before anything breaks; one O-H of the
+    water stretched to 2 Å: only that hydrogen left (neither the rest of the water nor the ammonia)."""
+    from ase.build import molecule
+
+    water, ammonia = molecule("H2O"), molecule("NH3")
+    ammonia.translate([6.0, 0, 0])
+    cluster = water + ammonia
+    pairs, lengths = reference_bonds([cluster])
+    context = failures.FailureContext("bonds", 0.5, pairs, lengths)
+    positions = cluster.get_positions()
+    axis = (positions[1] - positions[0]) / np.linalg.norm(positions[1] - positions[0])
+    moved = positions.copy()
+    moved[1] = positions[0] + 2.0 * axis
+    cause = failures.classify(_frames(cluster, [positions, moved]), "bonds", context)
+    assert cause["cause"] == "fragmentation" and cause["atoms"] == [1] and cause["values"]["fragments"] == 1
+    assert cause["detail"].startswith("H (H1) left: O0-H1 at 2.00 Å")
+
+
+def test_a_bond_failure_at_the_threshold_still_names_its_bond(reference, bonds, context):
+    """The criterion runs in the model's dtype; a float32 deviation just beyond Δ can come out at Δ in
+    float64: the failure still names the bond of largest deviation."""
+    atoms = reference[0]
+    pairs, lengths = bonds
+    positions = atoms.get_positions()
+    k, carbon, hydrogen = _terminal_hydrogen_bond(atoms, pairs)
+    axis = (positions[hydrogen] - positions[carbon]) / np.linalg.norm(positions[hydrogen] - positions[carbon])
+    moved = positions.copy()
+    moved[hydrogen] = positions[carbon] + (lengths[k] + 0.49) * axis
+    cause = failures.classify(_frames(atoms, [positions, moved]), "bonds", context)
+    deviation = np.abs(np.linalg.norm(moved[pairs[:, 1]] - moved[pairs[:, 0]], axis=-1) - lengths)
+    assert cause["cause"] == "bond-stretch"
+    assert cause["atoms"] == [int(a) for a in pairs[np.argmax(deviation)]] == [carbon, hydrogen]
+
+
 def test_a_ring_bond_stretched_is_bond_stretch(reference, bonds, context):
     """A ring bond beyond the threshold leaves the molecule in one piece."""
     atoms = reference[0]
@@ -159,6 +213,34 @@ def test_non_finite_names_the_atoms_and_what_the_last_finite_geometry_shows(refe
         _frames(atoms, [positions, positions], energy=[0.0, np.nan]), "non-finite", context
     )
     assert energy_only["detail"].startswith("non-finite energy") and energy_only["geometry"] is None
+
+
+def test_a_failure_without_a_finite_frame_is_named_but_writes_no_frames_or_plot(reference, context, tmp_path):
+    """--failure-frames 0 (or a resume from before frames were kept) and a failing step whose positions
+    already overflowed: the cause is named, no frame file or plot is promised, nothing raises."""
+    from ggnd_plugin.md.failure_report import markdown_lines, write_failures
+    from ggnd_plugin.md.protocol import StabilityResult
+    from ggnd_plugin.md.report import public_rows
+
+    atoms = reference[0]
+    positions = atoms.get_positions()
+    positions[3] = np.nan
+    forces = np.ones((1, len(atoms), 3))
+    forces[0, 3] = np.nan
+    frames = _frames(atoms, [positions], forces=forces, energy=[np.nan])
+    row = dict(model="m", temperature_K=1200.0, replica=0, seed=0, start_frame=0, stability_ps=0.007)
+    row.update(failed=True, failure="non-finite", failure_step=7, max_deviation=None)
+    result = StabilityResult(
+        protocol={"timestep_fs": 1.0, "monitor": {"criterion": "bonds"}},
+        rows=[row],
+        failures={failures.failure_key(row): {"frames": frames}},
+    )
+    failures.name_causes(result, context)
+    assert row["cause"] == "non-finite" and row["cause_atoms"] == [3]
+    assert write_failures(result, tmp_path, plots=True) == {}
+    assert not (tmp_path / "failures").exists()
+    assert public_rows(result)[0]["failure_frames"] is None
+    assert not any(".png" in line for line in markdown_lines(result, plots=True))
 
 
 def test_periodic_failures_are_rdf_unless_two_atoms_meet_across_the_cell():

@@ -160,7 +160,7 @@ def replica_frames(ring: FrameRing, state, position: int, step: int, n_atoms: in
     """What a replica failing at ``step`` leaves: its ring (oldest first) and the failing state, as numpy.
 
     Keys: ``steps`` (frames,), ``positions``, ``momenta``, ``forces`` (frames, atoms, 3), ``energy``
-    (frames,), ``numbers``, ``cell`` (3, 3, rows as lattice vectors), ``pbc``; the last frame is the
+    (frames,), ``numbers``, ``masses`` (the run's, amu), ``cell`` (3, 3, rows as lattice vectors), ``pbc``; the last frame is the
     failing step's.
     """
     rows = slice(position * n_atoms, (position + 1) * n_atoms)
@@ -180,6 +180,7 @@ def replica_frames(ring: FrameRing, state, position: int, step: int, n_atoms: in
     kept_steps = ring.steps[position, slots] if slots else np.zeros(0, dtype=np.int64)
     frames["steps"] = np.concatenate([kept_steps, [step]]).astype(np.int64)
     frames["numbers"] = state.atomic_numbers[rows].detach().cpu().numpy().astype(np.int64)
+    frames["masses"] = numpy(state.masses[rows])  # the run's, which may not be ASE's defaults (deuterium)
     frames["cell"] = numpy(state.row_vector_cell[position])
     frames["pbc"] = np.broadcast_to(state.pbc.detach().cpu().numpy(), (3,)).astype(bool).copy()
     return frames

@@ -28,6 +28,13 @@ def frames_file(row: dict[str, Any]) -> str:
     return f"{FAILURES_DIR}/{row['model']}/{row['temperature_K']:g}K/replica_{row['replica']}.extxyz"
 
 
+def has_frames(result, row: dict[str, Any]) -> bool:
+    """Whether a failed replica left a frame to write: one with finite positions (a replica can fail on a
+    step whose positions already overflowed, with no earlier frame kept, e.g. ``--failure-frames 0``)."""
+    entry = result.failures.get(failure_key(row)) if row["failed"] else None
+    return entry is not None and bool(np.isfinite(entry["frames"]["positions"]).all(axis=(1, 2)).any())
+
+
 def frames_as_atoms(row: dict[str, Any], frames: dict[str, Any], dt_ps: float) -> list:
     """The frames of one failed replica as ASE Atoms, with the run's provenance in their info."""
     from ase import Atoms
@@ -43,6 +50,8 @@ def frames_as_atoms(row: dict[str, Any], frames: dict[str, Any], dt_ps: float) -
             cell=frames["cell"],
             pbc=frames["pbc"],
         )
+        if "masses" in frames:  # before set_momenta, which keeps momenta and would rescale velocities
+            atoms.set_masses(frames["masses"])
         atoms.set_momenta(frames["momenta"][k])
         atoms.arrays["model_forces"] = np.array(frames["forces"][k])
         atoms.info.update(
@@ -79,7 +88,7 @@ def cause_counts(result) -> list[dict[str, Any]]:
 
 
 def shown_causes(result) -> list[str]:
-    """The causes a run's tables show: those that occurred, or the bond or RDF causes when none did."""
+    """The causes a run's tables show: those that occurred, in the order of ``CAUSES``."""
     seen = {row.get("cause") for row in result.rows if row["failed"]}
     return [cause for cause in CAUSES if cause in seen]
 
@@ -104,7 +113,7 @@ def first_of_each_cause(result) -> dict[str, dict[str, Any]]:
     """The earliest failure (in time, then in row order) of each cause that left frames."""
     first: dict[str, dict[str, Any]] = {}
     for row in sorted(
-        (r for r in result.rows if r["failed"] and failure_key(r) in result.failures),
+        (r for r in result.rows if has_frames(result, r)),
         key=lambda r: r["stability_ps"],
     ):
         first.setdefault(row["cause"], row)

@@ -70,7 +70,8 @@ def _velocities_per_fs(frames: dict[str, Any], frame: int) -> np.ndarray:
     from ase import units
     from ase.data import atomic_masses
 
-    masses = atomic_masses[frames["numbers"]]
+    # the run's masses; frames kept before they were recorded have ASE's defaults
+    masses = frames["masses"] if "masses" in frames else atomic_masses[frames["numbers"]]
     return frames["momenta"][frame] / masses[:, None] * units.fs
 
 
@@ -133,14 +134,18 @@ def _fragmentation(frames, frame, pairs, lengths, bond_lengths, broken, symbols)
     from ase.formula import Formula
 
     labels = _components(len(symbols), pairs[~broken])
-    pieces = np.unique(labels)
-    extra = len(pieces) - len(np.unique(_components(len(symbols), pairs)))
+    before = _components(len(symbols), pairs)  # a cluster of molecules is several pieces already
+    extra = len(np.unique(labels)) - len(np.unique(before))
     if extra <= 0:
         return None
-    members = {label: np.flatnonzero(labels == label) for label in pieces}
-    order = sorted(pieces, key=lambda label: (len(members[label]), -members[label][0]))
+    members = {label: np.flatnonzero(labels == label) for label in np.unique(labels)}
+    left = []
+    for molecule in np.unique(before):  # only molecules that split, each keeping its largest piece
+        pieces = np.unique(labels[before == molecule])
+        order = sorted(pieces, key=lambda label: (len(members[label]), -members[label][0]))
+        left += order[:-1]
     parts, atoms = [], []
-    for label in order[:-1]:  # the last is the largest: what stays
+    for label in left:
         piece = members[label]
         cut = [k for k in np.flatnonzero(broken) if (labels[pairs[k]] == label).sum() == 1]
         bonds = "; ".join(
@@ -163,8 +168,13 @@ def _fragmentation(frames, frame, pairs, lengths, bond_lengths, broken, symbols)
     }
 
 
-def _geometry(frames: dict[str, Any], frame: int, context: FailureContext) -> dict[str, Any] | None:
-    """The geometric cause a frame shows (close contact, fragmentation, bond stretch), or None."""
+def _geometry(
+    frames: dict[str, Any], frame: int, context: FailureContext, worst_bond: bool = False
+) -> dict[str, Any] | None:
+    """The geometric cause a frame shows (close contact, fragmentation, bond stretch), or None.
+
+    ``worst_bond``: name the bond of largest deviation even within the threshold (a bond failure found
+    in float32 can be at most the threshold when recomputed here in float64)."""
     symbols = _symbols(frames["numbers"])
     contact = close_contact(frames, frame)
     if contact is not None:
@@ -188,7 +198,7 @@ def _geometry(frames: dict[str, Any], frame: int, context: FailureContext) -> di
         if split is not None:
             return split
     worst = int(np.argmax(np.abs(deviation)))
-    if abs(deviation[worst]) <= context.threshold:
+    if abs(deviation[worst]) <= context.threshold and not worst_bond:
         return None
     i, j = (int(a) for a in pairs[worst])
     rate = _bond_rate(frames, frame, i, j)
@@ -268,7 +278,9 @@ def classify(
                 "detail": f"RDF distance {value}> {context.threshold:g} without a close contact",
                 "values": {"rdf_distance": max_deviation},
             }
-        else:  # a bond failure always leaves a bond beyond the threshold; say so if it did not
+        else:  # a bond failure: the bond at the threshold in the run's precision
+            geometry = _geometry(frames, last, context, worst_bond=True)
+        if geometry is None:
             geometry = {
                 "cause": "bond-stretch",
                 "atoms": [],

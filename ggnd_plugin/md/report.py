@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from ggnd_plugin.md import failure_report, survival
-from ggnd_plugin.md.failures import failure_key
 from ggnd_plugin.md.protocol import StabilityResult
 
 CSV_COLUMNS = (
@@ -46,8 +45,8 @@ def public_rows(result: StabilityResult) -> list[dict[str, Any]]:
         row[column] = row.pop("max_deviation")
         for key in ("cause", "cause_atoms", "cause_detail"):
             row.setdefault(key, None)
-        has_frames = row["failed"] and failure_key(row) in result.failures
-        row["failure_frames"] = failure_report.frames_file(row) if has_frames else None
+        kept = failure_report.has_frames(result, row)
+        row["failure_frames"] = failure_report.frames_file(row) if kept else None
         rows.append(row)
     return rows
 
