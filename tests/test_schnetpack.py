@@ -266,6 +266,15 @@ def test_torchsim_validate_model_outputs(adapter):
     )
 
 
+def test_torchsim_model_takes_a_device_with_or_without_its_index(adapter):
+    """"cpu:0" is where a CPU model lives, as "cuda" is "cuda:0" on a one-GPU machine (torch.device
+    equality says neither); another device type is refused, naming both."""
+    model = tiny_schnetpack("painn")
+    assert adapter.torchsim_model(model, device="cpu:0").device == torch.device("cpu")
+    with pytest.raises(GGNDError, match="lives on cpu, not on meta"):
+        adapter.torchsim_model(model, device="meta")
+
+
 def test_torchsim_stress_is_the_strain_derivative(adapter):
     """stress = (1/V) dE/d(strain), checked by finite differences of a strained periodic cell."""
     import torch_sim as ts

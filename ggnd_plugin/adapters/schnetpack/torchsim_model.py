@@ -52,6 +52,17 @@ def energy_path(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
     return inputs[energy_key].reshape(-1)
 
 
+def _same_device(actual: torch.device, requested: torch.device) -> bool:
+    """``cuda`` (the current CUDA device) is ``cuda:0`` where that is current, and ``cpu:0`` is ``cpu``;
+    ``torch.device`` equality says neither."""
+    if actual.type != requested.type:
+        return False
+    if actual.type == "cuda":
+        index = requested.index if requested.index is not None else torch.cuda.current_device()
+        return actual.index == index
+    return True
+
+
 class SchNetPackModel(ModelInterface):
     """TorchSim ``ModelInterface`` around a SchNetPack ``NeuralNetworkPotential`` (with or without GGND).
 
@@ -79,15 +90,16 @@ class SchNetPackModel(ModelInterface):
         self.energy_to_ev = float(energy_to_ev)
         self.length_to_angstrom = float(length_to_angstrom)
         self.cutoff = float(model.representation.cutoff)
-        self._device = torch.device(device)
+        requested = torch.device(device)
         self._dtype = dtype
         self._compute_forces = compute_forces
         self._compute_stress = compute_stress
         self._memory_scales_with = "n_atoms_x_density"
         reference = next(model.parameters())
         self.model_dtype = reference.dtype
-        if reference.device != self._device:
-            raise GGNDError(f"the SchNetPack model lives on {reference.device}, not on {self._device}")
+        if not _same_device(reference.device, requested):
+            raise GGNDError(f"the SchNetPack model lives on {reference.device}, not on {requested}")
+        self._device = reference.device  # concrete: "cuda" asked, "cuda:0" it is
 
     # TorchSim's validator and integrators switch these; the base class only has getters.
     @property
