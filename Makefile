@@ -59,8 +59,8 @@ bench: $(VENV)/.installed
 # lacks in $(GPU_WHEELS); carry that folder with the device call, and `make gpu-pass` there installs them
 # into $(GPU_SITE) (nothing, where the environment already has everything), then runs the pass: the
 # CUDA tests first, then the measurements. Results: $(GPU_PASS_OUT) and its .md, copied into $$OUT
-# where that is set (the device tool's output folder). A committed result needs
-# GPU_PASS_ARGS=--overwrite. The CPU dry run of the same script is part of `make test`
+# where that is set (the device tool's output folder; a rerun there replaces the first run's JSON).
+# Elsewhere, replacing a committed result needs GPU_PASS_ARGS=--overwrite. The CPU dry run of the same script is part of `make test`
 # (tests/test_gpu_pass.py); `make gpu-pass-dry-run` runs it alone.
 GPU_PYTHON ?= python3
 GPU_WHEELS := .gpu-wheels
@@ -76,7 +76,7 @@ gpu-pass:
 	timeout --signal=TERM --kill-after=5 472 sh -c '\
 	  $(GPU_PYTHON) benchmarks/gpu_env.py install --wheels $(GPU_WHEELS) --site $(GPU_SITE) && \
 	  PYTHONPATH=$(CURDIR):$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 \
-	  $(GPU_PYTHON) benchmarks/gpu_pass.py --device cuda --out $(GPU_PASS_OUT) $(GPU_PASS_ARGS)'; \
+	  $(GPU_PYTHON) benchmarks/gpu_pass.py --device cuda --out $(GPU_PASS_OUT) $${OUT:+--overwrite} $(GPU_PASS_ARGS)'; \
 	status=$$?; \
 	if [ -n "$$OUT" ] && [ -d "$$OUT" ]; then cp -f $(GPU_PASS_OUT) $(basename $(GPU_PASS_OUT)).md "$$OUT"/; fi; \
 	echo "gpu-pass: exit $$status after $$(( $$(date +%s) - GGND_GPU_PASS_T0 )) s"; exit $$status
