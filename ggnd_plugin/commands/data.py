@@ -6,6 +6,23 @@ from ggnd_plugin import validation as v
 from ggnd_plugin.errors import GGNDError
 
 
+def _add_xtb_options(parser, note: str) -> None:
+    """The reference method's options, shared by generate and label (keys of ggnd_plugin.xtb.METHODS,
+    spelt out here so that ``ggnd --help`` does not import numpy)."""
+    parser.add_argument(
+        "--method",
+        choices=("gfn2-xtb", "gfn1-xtb", "ipea1-xtb"),
+        default="gfn2-xtb",
+        help=f"tblite Hamiltonian; default gfn2-xtb{note}",
+    )
+    parser.add_argument(
+        "--electronic-temperature",
+        type=v.NON_NEGATIVE_FLOAT,
+        default=300.0,
+        help=f"xTB Fermi smearing (K); default 300{note}",
+    )
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "data",
@@ -71,18 +88,7 @@ def register(subparsers) -> None:
         default=1.0,
         help="MD before the first frame, not written (ps; rounded up to whole spacings); default 1",
     )
-    generate.add_argument(
-        "--method",
-        choices=("gfn2-xtb", "gfn1-xtb", "ipea1-xtb"),
-        default="gfn2-xtb",
-        help="tblite Hamiltonian; default gfn2-xtb",
-    )
-    generate.add_argument(
-        "--electronic-temperature",
-        type=v.NON_NEGATIVE_FLOAT,
-        default=300.0,
-        help="xTB Fermi smearing (K); default 300",
-    )
+    _add_xtb_options(generate, "")
     generate.add_argument(
         "--seed", type=v.SEED, default=0, help="seeds the geometry, velocities, noise and split"
     )
@@ -128,18 +134,7 @@ def register(subparsers) -> None:
     )
     label.add_argument("frames", nargs="+", type=v.STRUCTURE_FILE, metavar="FRAMES", help="structure files")
     label.add_argument("-o", "--output", type=v.OUTPUT_FILE, required=True, help="extxyz to write")
-    label.add_argument(
-        "--method",
-        choices=("gfn2-xtb", "gfn1-xtb", "ipea1-xtb"),
-        default="gfn2-xtb",
-        help="tblite Hamiltonian; default gfn2-xtb (that of the shipped data)",
-    )
-    label.add_argument(
-        "--electronic-temperature",
-        type=v.NON_NEGATIVE_FLOAT,
-        default=300.0,
-        help="xTB Fermi smearing (K); default 300 (that of the shipped data)",
-    )
+    _add_xtb_options(label, " (that of the shipped data)")
     label.add_argument("--resume", action="store_true", help="continue the labelling stopped in -o")
     label.add_argument("--no-progress", action="store_true", help="no progress bar")
     label.add_argument("--overwrite", action="store_true", help="replace -o (or its unfinished run)")
