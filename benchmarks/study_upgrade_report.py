@@ -16,13 +16,10 @@ from typing import Any
 
 import numpy as np
 import study_upgrade_protocol as study
+from study_upgrade_tables import ARMS, SCAN_TYPES, markdown, scan_plot, survival_plot
 
 from ggnd_plugin.bond_scan import REPORT_LENGTHS
 from ggnd_plugin.md.paired import paired_comparison, sign_flip_test
-from ggnd_plugin.md.survival import kaplan_meier
-
-ARMS = ("upgrade", "control")
-SCAN_TYPES = ("C-H", "H-N", "C-C", "C-N", "C-O")
 
 
 def relative(value, out: Path):
@@ -44,6 +41,81 @@ def protocol_commit() -> str | None:
         text=True,
     )
     return done.stdout.strip() or None
+
+
+def report_code() -> dict[str, Any]:
+    """The commit of the code computing this report (the jobs record their own)."""
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=study.ROOT, capture_output=True, text=True).stdout.strip()
+
+    changed = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
+
+
+# Departures of the text, not of the computation: listed so that the page and the run can be compared.
+ERRATA = (
+    "The protocol's 'Order of the computation' says 'the 16 primary cells'; there are 12 (6 base models x "
+    "2 arms), as its 'Compute' section says. A slip of the text: nothing ran differently.",
+)
+
+
+def deviations(out: Path, models: list[dict], jobs: dict[str, dict], commit: str | None) -> list[dict]:
+    """Every departure from the protocol, and every event the protocol foresaw (a cap reached, a stopped
+    and resumed job), found in the job cache and the logs rather than remembered."""
+    found = []
+    for m in models:
+        if m["status"] != "complete" or not m["reached_cap"]:
+            continue
+        if m["arm"] == "base":
+            what = (
+                f"Base model {m['model']} stopped at the {study.BASE_EPOCHS}-epoch cap, not by the "
+                f"convergence rule (patience {study.BASE_PATIENCE}); it stays in the study, as the protocol fixes."
+            )
+        else:
+            what = (
+                f"Fine-tune {m['model']} reached the {study.FT_CAP}-epoch cap (best epoch {m['best_epoch']}), "
+                "not converged by the rule; analysed as it is, and its base model is left out of secondary 4, "
+                "as the protocol fixes."
+            )
+        found.append({"kind": "cap reached (foreseen by the protocol)", "job": m["model"], "what": what})
+    elsewhere: dict[tuple[str, bool], list[str]] = {}
+    for name, job in sorted(jobs.items()):
+        if commit is not None and (job["code_commit"] != commit or job["code_dirty"]):
+            elsewhere.setdefault((job["code_commit"], job["code_dirty"]), []).append(name)
+        if job.get("device", "cpu") != "cpu":
+            found.append({"kind": "machine", "job": name, "what": f"Job {name} ran on {job['device']}."})
+    for (code, dirty), names in elsewhere.items():
+        state = " with uncommitted changes" if dirty else ""
+        what = f"Jobs {', '.join(names)} ran on commit {code[:10]}{state}, not the protocol's."
+        found.append({"kind": "code", "job": names, "what": what})
+    for log in sorted((out / "logs").glob("cell-*.log")):
+        if any(line.startswith("$ ") and "--resume" in line for line in log.read_text().splitlines()):
+            found.append(
+                {
+                    "kind": "stopped and resumed",
+                    "job": log.stem,
+                    "what": f"MD cell {log.stem[5:]} was stopped (a session ended) and resumed from its "
+                    "checkpoint with `ggnd stability --resume`, which gives the uninterrupted run's result "
+                    "(tests/test_stability.py, tests/test_autobatch.py).",
+                }
+            )
+    for log in sorted((out / "fits").glob("base-s*/logs/*[0-9].log")):
+        loaded = None  # MACE loads a checkpoint to continue a fit, and again at its end to evaluate
+        for line in log.read_text().splitlines():
+            if "Loading checkpoint" in line:
+                loaded = line.rsplit("_epoch-", 1)[-1].split(".")[0]
+            elif "Started training" in line and loaded is not None:
+                fit = log.parents[1].name
+                what = (
+                    f"Base fit {fit} was stopped (a session ended) and continued from MACE's epoch-{loaded} "
+                    "checkpoint (`--restart_latest`: weights, optimizer and scheduler restored); the batches "
+                    "after the restart need not be those an uninterrupted fit would have drawn."
+                )
+                found.append({"kind": "stopped and resumed", "job": fit, "what": what})
+                loaded = None
+    found += [{"kind": "erratum", "job": None, "what": text} for text in ERRATA]
+    return found
 
 
 def cell_rows(out: Path, cell: str, arm: str, seed: int) -> list[dict] | None:
@@ -202,57 +274,8 @@ def outcome_sentence(primary: dict[str, Any]) -> str:
     )
 
 
-def survival_plot(out: Path, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for index, arm in enumerate(("upgrade", "control", "base")):
-        rows = [r for s in study.BASE_SEEDS for r in (cell_rows(out, "1200K", arm, s) or [])]
-        if not rows:
-            continue
-        curve = kaplan_meier([r["stability_ps"] for r in rows], [r["failed"] for r in rows], study.TIME_PS)
-        ax.step(
-            curve.time, curve.survival, where="post", color=f"C{index}", label=f"{arm} ({len(rows)} replicas)"
-        )
-        ax.fill_between(curve.time, curve.low, curve.high, step="post", color=f"C{index}", alpha=0.15)
-    ax.set_xlabel("time (ps)")
-    ax.set_ylabel("fraction of replicas still stable")
-    ax.set_title("study 2: 1200 K, replicas of all base models pooled")
-    ax.set_ylim(0, 1.02)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def markdown(payload: dict[str, Any]) -> str:
-    lines = [f"**Outcome.** {payload['outcome']}", ""]
-    primary = payload["endpoints"]["primary"]
-    if primary["status"] == "complete":
-        lines += [
-            "| base model | upgrade failed | control failed | difference | RMST upgrade (ps) | RMST control (ps) |",
-            "|---|---|---|---|---|---|",
-        ]
-        for pair in primary["pairs"]:
-            lines.append(
-                f"| {pair['treatment'].split('-')[-1]} | {pair['treatment_failed']}/{pair['replicas']} | "
-                f"{pair['control_failed']}/{pair['replicas']} | {pair['difference']:+.2f} | "
-                f"{pair['treatment_rmst_ps']:.2f} | {pair['control_rmst_ps']:.2f} |"
-            )
-        w, c = primary["wilcoxon"], primary["cochran_mantel_haenszel"]
-        lines += [
-            "",
-            f"Sign-flip p = {primary['sign_flip']['p_value']:.4g}; Wilcoxon p = {w['p_value']:.4g} ({w['method']}); "
-            f"CMH p = {c['p_value']:.4g}, MH odds ratio {c['odds_ratio'] if c['odds_ratio'] is None else round(c['odds_ratio'], 3)}; "
-            f"RMST difference {primary['rmst']['mean_difference_ps']:+.2f} ps (sign-flip p = {primary['rmst']['sign_flip']['p_value']:.4g}).",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def report(out: Path, data: dict[str, Path], results: Path) -> dict[str, Any]:
+def report(out: Path, data: dict[str, Path], results: Path, images: Path | None = None) -> dict[str, Any]:
+    """Write the JSON to ``results``, the tables to ``OUT/tables.md``, the plots to ``images`` (docs/img)."""
     from ggnd_plugin import __version__
     from ggnd_plugin.safe_io import atomic_write_text
 
@@ -281,6 +304,7 @@ def report(out: Path, data: dict[str, Path], results: Path) -> dict[str, Any]:
         "protocol": study.PROTOCOL,
         "protocol_commit": protocol_commit(),
         "package_version_reporting": __version__,
+        "report_code": report_code(),
         "code_commits": sorted({(j["code_commit"], j["code_dirty"]) for j in jobs.values()}),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "status": "complete" if all(e.get("status") != "not run" for e in endpoints.values()) else "partial",
@@ -306,13 +330,18 @@ def report(out: Path, data: dict[str, Path], results: Path) -> dict[str, Any]:
             name: relative({k: v for k, v in job.items() if k != "history"}, out)
             for name, job in jobs.items()
         },
-        "deviations": [],
+        "deviations": deviations(out, models, jobs, protocol_commit()),
     }
     payload["code_commits"] = [{"commit": c, "dirty": d} for c, d in payload["code_commits"]]
     results.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results, json.dumps(payload, indent=1, default=float))
     atomic_write_text(out / "tables.md", markdown(payload))
-    image = study.ROOT / "docs" / "img" if not study.SMOKE else out
-    survival_plot(out, image / "study_upgrade_survival.png")
+    image = images or (study.ROOT / "docs" / "img" if not study.SMOKE else out)
+    survival_plot(
+        {arm: [r for s in seeds for r in (cell_rows(out, "1200K", arm, s) or [])] for arm in (*ARMS, "base")},
+        image / "study_upgrade_survival.png",
+    )
+    if endpoints["bond_scans"]["status"] == "complete":
+        scan_plot(endpoints["bond_scans"], image / "study_upgrade_bond_scans.png")
     study.say(payload["outcome"])
     return payload

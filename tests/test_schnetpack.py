@@ -267,7 +267,7 @@ def test_torchsim_validate_model_outputs(adapter):
 
 
 def test_torchsim_model_takes_a_device_with_or_without_its_index(adapter):
-    """"cpu:0" is where a CPU model lives, as "cuda" is "cuda:0" on a one-GPU machine (torch.device
+    """A CPU model lives on "cpu:0", as a model on a one-GPU machine's "cuda" lives on "cuda:0" (torch.device
     equality says neither); another device type is refused, naming both."""
     model = tiny_schnetpack("painn")
     assert adapter.torchsim_model(model, device="cpu:0").device == torch.device("cpu")
