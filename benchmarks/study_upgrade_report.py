@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -101,20 +102,44 @@ def deviations(out: Path, models: list[dict], jobs: dict[str, dict], commit: str
                 }
             )
     for log in sorted((out / "fits").glob("base-s*/logs/*[0-9].log")):
-        loaded = None  # MACE loads a checkpoint to continue a fit, and again at its end to evaluate
-        for line in log.read_text().splitlines():
-            if "Loading checkpoint" in line:
-                loaded = line.rsplit("_epoch-", 1)[-1].split(".")[0]
-            elif "Started training" in line and loaded is not None:
-                fit = log.parents[1].name
+        found += continued_fits(log)
+    found += [{"kind": "erratum", "job": None, "what": text} for text in ERRATA]
+    return found
+
+
+def _log_time(line: str) -> datetime | None:
+    try:
+        return datetime.strptime(line[:19], "%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return None
+
+
+def continued_fits(log: Path) -> list[dict[str, Any]]:
+    """The restarts of a MACE fit, from its log: a checkpoint loaded before training starts (MACE also
+    loads one at the end of a fit, to evaluate it), with the time of the part before the restart, which
+    the job record's time does not include."""
+    fit, found = log.parents[1].name, []
+    loaded = started = last_epoch = None
+    for line in log.read_text().splitlines():
+        if "Loading checkpoint" in line:
+            loaded = line.rsplit("_epoch-", 1)[-1].split(".")[0]
+        elif " Epoch " in line:
+            last_epoch = _log_time(line) or last_epoch
+        elif "Started training" in line:
+            if loaded is not None:
+                earlier = ""
+                if started is not None and last_epoch is not None:
+                    minutes = (last_epoch - started).total_seconds() / 60
+                    earlier = (
+                        f" The part before the restart took {minutes:.0f} min, not in the cost table's time."
+                    )
                 what = (
                     f"Base fit {fit} was stopped (a session ended) and continued from MACE's epoch-{loaded} "
                     "checkpoint (`--restart_latest`: weights, optimizer and scheduler restored); the batches "
-                    "after the restart need not be those an uninterrupted fit would have drawn."
+                    f"after the restart need not be those an uninterrupted fit would have drawn.{earlier}"
                 )
                 found.append({"kind": "stopped and resumed", "job": fit, "what": what})
-                loaded = None
-    found += [{"kind": "erratum", "job": None, "what": text} for text in ERRATA]
+            loaded, started = None, _log_time(line)
     return found
 
 

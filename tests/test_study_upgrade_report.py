@@ -79,8 +79,13 @@ def cache(tmp_path):
     mace = out / "fits" / "base-s11" / "logs" / "mace_run-11.log"
     mace.parent.mkdir(parents=True)
     mace.write_text(
-        "INFO: Started training\nINFO: Loading checkpoint: c/mace_run-11_epoch-82.pt\n"
-        "INFO: Started training\nINFO: Training complete\nINFO: Loading checkpoint: c/mace_run-11_epoch-146.pt\n"
+        "2026-12-07 01:29:06.107 INFO: Started training, reporting errors on validation set\n"
+        "2026-12-07 01:29:36.126 INFO: Epoch 0: head: Default, loss=5.98\n"
+        "2026-12-07 01:48:10.080 INFO: Epoch 82: head: Default, loss=0.0232\n"
+        "2026-12-07 02:08:50.599 INFO: Loading checkpoint: c/mace_run-11_epoch-82.pt\n"
+        "2026-12-07 02:08:50.608 INFO: Started training, reporting errors on validation set\n"
+        "2026-12-07 02:53:26.311 INFO: Training complete\n"
+        "2026-12-07 02:53:26.311 INFO: Loading checkpoint: c/mace_run-11_epoch-146.pt\n"
     )
     _job(out, "start-s1", "0" * 40, frames="f.xyz")
     return out
@@ -115,7 +120,9 @@ def test_deviations_are_found_in_the_cache_and_logs(cache):
     assert sorted(caps) == sorted([f"base-s{s}" for s in study.BASE_SEEDS] + ["control-s14"])
     resumed = sorted(job for kind, job in kinds if kind == "stopped and resumed")
     assert resumed == ["base-s11", "cell-1200K-upgrade-s10"]
-    assert any("epoch-82 checkpoint" in d["what"] for d in found)  # not the end-of-fit load of epoch 146
+    (continued,) = [d["what"] for d in found if d["job"] == "base-s11" and d["kind"] == "stopped and resumed"]
+    assert "epoch-82 checkpoint" in continued  # not the end-of-fit load of epoch 146
+    assert "before the restart took 19 min" in continued  # 01:29:06 to 01:48:10
     assert ("code", "['start-s1']") in kinds
     assert any(kind == "erratum" for kind, _ in kinds)
 
