@@ -165,6 +165,16 @@ def paired_endpoint(out: Path, cell: str, temperature: float, seeds, treatment: 
     return {"status": "complete", **paired_comparison(rows, pairs, temperature, study.TIME_PS)}
 
 
+def kept_mace_epoch(out: Path, arm: str, seed: int) -> int | None:
+    """The epoch of the model a base fit kept, counted from 1: MACE saves a checkpoint only when the
+    validation loss improves and loads the last one at the end of the fit (its log numbers epochs from 0)."""
+    log = out / "fits" / f"{arm}-s{seed}" / "logs" / f"mace_run-{seed}.log"
+    if arm != "base" or not log.exists():
+        return None
+    loads = [line for line in log.read_text().splitlines() if "Loading checkpoint" in line]
+    return int(loads[-1].rsplit("_epoch-", 1)[-1].split(".")[0]) + 1 if loads else None
+
+
 def models_table(out: Path) -> list[dict[str, Any]]:
     models = []
     for seed in study.BASE_SEEDS:
@@ -176,7 +186,7 @@ def models_table(out: Path) -> list[dict[str, Any]]:
                     status="complete",
                     training_seed=seed if arm == "base" else study.FT_SEED,
                     epochs_run=record.get("epochs_run"),
-                    best_epoch=record.get("best_epoch"),
+                    best_epoch=record.get("best_epoch") or kept_mace_epoch(out, arm, seed),
                     reached_cap=record.get("reached_cap"),
                     met_convergence_rule=not record.get("reached_cap"),
                     seconds=record.get("seconds"),

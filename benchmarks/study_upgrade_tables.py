@@ -117,7 +117,7 @@ def scans_lines(scans: dict[str, Any]) -> list[str]:
 
 def cost_lines(models: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| model | epochs run | best epoch | reached the cap | wall time (min) |",
+        "| model | epochs run | epoch kept (best on validation) | reached the cap | wall time (min) |",
         "|---|---|---|---|---|",
     ]
     for m in models:
@@ -126,7 +126,7 @@ def cost_lines(models: list[dict[str, Any]]) -> list[str]:
             continue
         minutes = "" if m.get("seconds") is None else f"{m['seconds'] / 60:.1f}"
         lines.append(
-            f"| {m['model']} | {m['epochs_run']} | {m['best_epoch']} | "
+            f"| {m['model']} | {m['epochs_run']} | {m['best_epoch'] or 'not recorded'} | "
             f"{'yes' if m['reached_cap'] else 'no'} | {minutes} |"
         )
     return lines

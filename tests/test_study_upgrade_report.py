@@ -59,7 +59,7 @@ def cache(tmp_path):
     assert commit, "the protocol's commit must be found in this repository's history"
     out = tmp_path / "study"
     for k, seed in enumerate(study.BASE_SEEDS):
-        _job(out, f"base-s{seed}", commit, epochs_run=150, best_epoch=140, reached_cap=True, seconds=1.0)
+        _job(out, f"base-s{seed}", commit, epochs_run=150, reached_cap=True, seconds=1.0)
         for arm in ("upgrade", "control"):
             capped = (arm, seed) == ("control", 14)
             _job(
@@ -123,6 +123,9 @@ def test_deviations_are_found_in_the_cache_and_logs(cache):
     (continued,) = [d["what"] for d in found if d["job"] == "base-s11" and d["kind"] == "stopped and resumed"]
     assert "epoch-82 checkpoint" in continued  # not the end-of-fit load of epoch 146
     assert "before the restart took 19 min" in continued  # 01:29:06 to 01:48:10
+    # the model the fit kept: MACE's last checkpoint, epoch 146 counted from 0
+    (base,) = [m for m in report.models_table(cache) if m["model"] == "base-s11"]
+    assert base["best_epoch"] == 147
     assert ("code", "['start-s1']") in kinds
     assert any(kind == "erratum" for kind, _ in kinds)
 
