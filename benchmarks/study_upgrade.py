@@ -58,29 +58,12 @@ from study_upgrade_protocol import (  # noqa: E402
     TIME_PS,
     UPGRADE_SEED,
     VALID_FRAMES,
+    code_state,
     finished,
     job_file,
     model_path,
     say,
 )
-
-
-def code_state() -> dict[str, Any]:
-    """The commit of the code about to run, and whether the working tree differs from it."""
-
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    changed = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line]
-    from ggnd_plugin import __version__
-
-    return {
-        "code_commit": git("rev-parse", "HEAD"),
-        "code_dirty": bool(changed),
-        "package_version": __version__,
-        "device": "cpu",
-        "cpu_count": os.cpu_count(),
-    }
 
 
 def ggnd(*args) -> list[str]:

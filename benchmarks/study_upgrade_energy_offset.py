@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -64,11 +63,10 @@ def main(argv=None) -> int:
                 f"{row['std_meV_per_atom']:.2f}, MAE {row['mae_meV_per_atom']:.2f} meV/atom",
                 flush=True,
             )
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=study.ROOT, capture_output=True, text=True)
     payload = {
         "what": "signed per-atom energy error of every study-2 model on the validation split (post hoc)",
         "frames": len(frames),
-        "code_commit": commit.stdout.strip(),
+        **{k: v for k, v in study.code_state().items() if k in ("code_commit", "code_dirty")},
         "models": rows,
     }
     atomic_write_text(args.results, json.dumps(payload, indent=1))

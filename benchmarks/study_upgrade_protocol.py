@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = "docs/study2-protocol.md"
@@ -58,3 +60,21 @@ def finished(out: Path, name: str) -> dict | None:
 
 def model_path(out: Path, arm: str, seed: int) -> Path:
     return out / "models" / f"{arm}-s{seed}.model"
+
+
+def code_state() -> dict[str, Any]:
+    """The commit of the code about to run, and whether the working tree differs from it."""
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    changed = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line]
+    from ggnd_plugin import __version__
+
+    return {
+        "code_commit": git("rev-parse", "HEAD"),
+        "code_dirty": bool(changed),
+        "package_version": __version__,
+        "device": "cpu",
+        "cpu_count": os.cpu_count(),
+    }

@@ -44,16 +44,6 @@ def protocol_commit() -> str | None:
     return done.stdout.strip() or None
 
 
-def report_code() -> dict[str, Any]:
-    """The commit of the code computing this report (the jobs record their own)."""
-
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=study.ROOT, capture_output=True, text=True).stdout.strip()
-
-    changed = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
-
-
 # Departures of the text, not of the computation: listed so that the page and the run can be compared.
 ERRATA = (
     "The protocol's 'Order of the computation' says 'the 16 primary cells'; there are 12 (6 base models x "
@@ -315,6 +305,7 @@ def report(out: Path, data: dict[str, Path], results: Path, images: Path | None 
     from ggnd_plugin.safe_io import atomic_write_text
 
     seeds = study.BASE_SEEDS
+    state = study.code_state()
     models = models_table(out)
     converged = [
         s
@@ -339,7 +330,7 @@ def report(out: Path, data: dict[str, Path], results: Path, images: Path | None 
         "protocol": study.PROTOCOL,
         "protocol_commit": protocol_commit(),
         "package_version_reporting": __version__,
-        "report_code": report_code(),
+        "report_code": {"commit": state["code_commit"], "dirty": state["code_dirty"]},
         "code_commits": sorted({(j["code_commit"], j["code_dirty"]) for j in jobs.values()}),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "status": "complete" if all(e.get("status") != "not run" for e in endpoints.values()) else "partial",
