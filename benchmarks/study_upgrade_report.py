@@ -155,6 +155,19 @@ def paired_endpoint(out: Path, cell: str, temperature: float, seeds, treatment: 
     return {"status": "complete", **paired_comparison(rows, pairs, temperature, study.TIME_PS)}
 
 
+def counts_endpoint(out: Path, cell: str, temperature: float, seeds) -> dict[str, Any]:
+    """Secondary 7: the paired counts of one or two base models, without tests (the protocol: too few
+    models for a test; a sign-flip p over two pairs cannot fall below 0.5)."""
+    endpoint = paired_endpoint(out, cell, temperature, seeds, "upgrade", "control")
+    if endpoint["status"] != "complete":
+        return endpoint
+    for test in ("sign_flip", "wilcoxon", "cochran_mantel_haenszel"):
+        endpoint.pop(test)
+    endpoint["rmst"].pop("sign_flip")
+    endpoint["tests"] = "none: too few base models, reported as counts (protocol, secondary 7)"
+    return endpoint
+
+
 def kept_mace_epoch(out: Path, arm: str, seed: int) -> int | None:
     """The epoch of the model a base fit kept, counted from 1: MACE saves a checkpoint only when the
     validation loss improves and loads the last one at the end of the fit (its log numbers epochs from 0)."""
@@ -323,7 +336,7 @@ def report(out: Path, data: dict[str, Path], results: Path, images: Path | None 
         "upgrade_vs_base": paired_endpoint(out, "1200K", 1200.0, seeds, "upgrade", "base"),
     }
     for cell, temperature, _, cell_seeds, _ in study.CELLS[2:]:
-        endpoints[f"cells_{cell}"] = paired_endpoint(out, cell, temperature, cell_seeds, "upgrade", "control")
+        endpoints[f"cells_{cell}"] = counts_endpoint(out, cell, temperature, cell_seeds)
     jobs = {path.stem: json.loads(path.read_text()) for path in sorted((out / "jobs").glob("*.json"))}
     payload = {
         "study": "upgrade (issue 19)",

@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import study_upgrade_protocol as study  # noqa: E402
 import study_upgrade_report as report  # noqa: E402
+import study_upgrade_tables as tables  # noqa: E402
 
 # failures out of 20 per base seed: the upgrade arm lower than the control for every base model
 FAILED = {"upgrade": (2, 4, 1, 6, 3, 5), "control": (9, 8, 7, 12, 10, 6), "base": (10, 10, 10, 10, 10, 10)}
@@ -35,12 +36,12 @@ def _job(out: Path, name: str, commit: str, **fields) -> None:
     _write(study.job_file(out, name), record)
 
 
-def _cell(out: Path, commit: str, arm: str, seed: int, failures: int) -> None:
-    folder = out / "cells" / "1200K" / f"{arm}-s{seed}"
+def _cell(out: Path, commit: str, arm: str, seed: int, failures: int, cell: str = "1200K") -> None:
+    folder = out / "cells" / cell / f"{arm}-s{seed}"
     rows = [
         {
             "model": f"{arm}-s{seed}",
-            "temperature_K": 1200.0,
+            "temperature_K": float(cell.rstrip("K")),
             "replica": k,
             "start_frame": (7 * k) % 20,
             "seed": 1000 + k,
@@ -50,7 +51,7 @@ def _cell(out: Path, commit: str, arm: str, seed: int, failures: int) -> None:
         for k in range(study.REPLICAS)
     ]
     _write(folder / "results.json", {"replicas": rows})
-    _job(out, f"cell-1200K-{arm}-s{seed}", commit, results=str(folder / "results.json"), seconds=60.0)
+    _job(out, f"cell-{cell}-{arm}-s{seed}", commit, results=str(folder / "results.json"), seconds=60.0)
 
 
 @pytest.fixture
@@ -150,3 +151,24 @@ def test_report_writes_every_endpoint_and_no_absolute_path(cache, tmp_path):
     assert (images / "study_upgrade_survival.png").stat().st_size > 0
     tables = (cache / "tables.md").read_text()
     assert "| s10 | 2/20 | 9/20 | -0.35 | 10/20 |" in tables
+
+
+def test_secondary_7_is_counts_without_a_test(cache):
+    commit = report.protocol_commit()
+    for seed, (upgrade, control) in zip((10, 11), ((3, 5), (0, 0)), strict=True):
+        _cell(cache, commit, "upgrade", seed, upgrade, cell="600K")
+        _cell(cache, commit, "control", seed, control, cell="600K")
+    endpoint = report.counts_endpoint(cache, "600K", 600.0, (10, 11))
+    assert endpoint["status"] == "complete" and "none" in endpoint["tests"]
+    # two pairs: a sign-flip p could not fall below 0.5, so the protocol reports counts only
+    assert not {"sign_flip", "wilcoxon", "cochran_mantel_haenszel"} & set(endpoint)
+    assert "sign_flip" not in endpoint["rmst"]
+    assert [p["difference"] for p in endpoint["pairs"]] == pytest.approx([-0.1, 0.0])
+    assert endpoint["failed_fraction"]["mean_difference"] == pytest.approx(-0.05)
+    # replica k fails at 0.5 + 0.25 k ps: RMST of s10's upgrade = (0.5 + 0.75 + 1.0 + 17 x 10) / 20
+    assert endpoint["pairs"][0]["treatment_rmst_ps"] == pytest.approx((0.5 + 0.75 + 1.0 + 170) / 20)
+    line = tables.counts_line("Secondary 7, 600K", endpoint)
+    assert "s10 upgrade 3/20 vs control 5/20 failed (difference -0.10" in line and "p =" not in line
+    assert tables.counts_line("x", report.counts_endpoint(cache, "300K", 300.0, (10,))).endswith(
+        "not run (300K/upgrade-s10, 300K/control-s10)."
+    )
