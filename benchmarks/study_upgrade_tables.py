@@ -60,10 +60,14 @@ def primary_lines(primary: dict[str, Any], base: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _not_run_line(name: str, endpoint: dict[str, Any]) -> str:
+    missing = ", ".join(endpoint.get("missing_cells", [])) or endpoint["status"]
+    return f"- {name}: not run ({missing})."
+
+
 def paired_line(name: str, endpoint: dict[str, Any], treatment: str, control: str) -> str:
     if endpoint["status"] != "complete":
-        missing = ", ".join(endpoint.get("missing_cells", [])) or endpoint["status"]
-        return f"- {name}: not run ({missing})."
+        return _not_run_line(name, endpoint)
     fraction, flip = endpoint["failed_fraction"], endpoint["sign_flip"]
     counts = ", ".join(
         f"s{p['treatment'].split('-s')[-1]} {p['treatment_failed']}/{p['replicas']} vs "
@@ -80,8 +84,7 @@ def paired_line(name: str, endpoint: dict[str, Any], treatment: str, control: st
 def counts_line(name: str, endpoint: dict[str, Any]) -> str:
     """A paired endpoint with too few base models for a test: counts, differences and RMST only."""
     if endpoint["status"] != "complete":
-        missing = ", ".join(endpoint.get("missing_cells", [])) or endpoint["status"]
-        return f"- {name}: not run ({missing})."
+        return _not_run_line(name, endpoint)
     per_model = "; ".join(
         f"s{p['treatment'].split('-s')[-1]} upgrade {p['treatment_failed']}/{p['replicas']} vs control "
         f"{p['control_failed']}/{p['replicas']} failed (difference {p['difference']:+.2f}; RMST "
